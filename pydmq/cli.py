@@ -1,0 +1,113 @@
+"""The ``pydmq`` command: the one place that wires a process together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from pydmq import __version__
+from pydmq.config import ConfigError, Settings, add_cli_arguments, settings_from_args
+from pydmq.dmq.runtime import DmqNode
+from pydmq.sip.transport import install_uvloop
+
+log = logging.getLogger("pydmq")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Settings, list[str]] | None:
+    try:
+        return settings_from_args(args, os.environ)
+    except ConfigError as exc:
+        print(f"pydmq: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+async def _serve(settings: Settings, duration: float | None) -> int:
+    node = DmqNode(settings)
+    try:
+        await node.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if duration is None:
+            await stop.wait()
+        else:
+            await asyncio.wait_for(stop.wait(), timeout=duration)
+    except TimeoutError:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("stopping: announcing status=disabled to %d peer(s)", len(node.nodes.remote()))
+        await node.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    settings, _warnings = loaded
+    _setup_logging(settings.log.level)
+    if install_uvloop():
+        log.debug("using uvloop")
+    return asyncio.run(_serve(settings, args.duration))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    settings, warnings = loaded
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(json.dumps(settings.to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pydmq", description="Kamailio-compatible DMQ node (distributed message queue)"
+    )
+    parser.add_argument("--version", action="version", version=f"pydmq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a DMQ node (default: sip:127.0.0.1:5060)")
+    add_cli_arguments(run)
+    run.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: never)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate the configuration and print it")
+    add_cli_arguments(check)
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

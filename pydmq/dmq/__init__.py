@@ -1,0 +1,1 @@
+"""The DMQ module: node list, notification channel, peers (channels), workers and API."""

@@ -1,0 +1,1 @@
+"""Sans-I/O SIP: messages, URIs, transactions; plus thin asyncio transports."""

@@ -1,0 +1,1 @@
+"""Test support: Kamailio nodes (``kamailio``), sipp (``sipp``), raw SIP and ports (``net``)."""
