@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from pydmq import __version__
 from pydmq.config import ConfigError, Settings, add_cli_arguments, settings_from_args
+from pydmq.dmq.nodelist import MembershipEvent
 from pydmq.dmq.runtime import DmqNode
 from pydmq.sip.transport import install_uvloop
 
@@ -35,13 +36,56 @@ def _load(args: argparse.Namespace) -> tuple[Settings, list[str]] | None:
         return None
 
 
-async def _serve(settings: Settings, duration: float | None) -> int:
+class StatusFile:
+    """``pydmq run --status-file PATH``: the node's view of the cluster as a JSON file.
+
+    An observation channel for tests and scripts until the RPC interface exists. The file holds
+    ``{"nodes": <dmq.list_nodes rows>, "stats": <DmqStats.snapshot()>}``. It is written once the
+    node listens and again on every membership event (a remote node added, changed status or
+    removed), never on a timer, so ``stats`` are as of the last membership change. Each write
+    goes to a temporary file next to PATH that ``os.replace`` then moves over PATH, so a reader
+    sees the old or the new content, never a mix. The file is left in place at exit.
+    """
+
+    def __init__(self, path: str, node: DmqNode) -> None:
+        self.path = os.path.abspath(path)
+        self._node = node
+        head, tail = os.path.split(self.path)
+        self._tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+
+    def write(self) -> None:
+        """Write the current state; raises ``OSError`` when the file cannot be written."""
+        node = self._node
+        data = json.dumps({"nodes": node.nodes.rpc_list_nodes(), "stats": node.stats.snapshot()})
+        with open(self._tmp, "w", encoding="utf-8") as fh:
+            fh.write(data + "\n")
+        os.replace(self._tmp, self.path)
+
+    def on_event(self, _event: MembershipEvent) -> None:
+        try:
+            self.write()
+        except OSError as exc:
+            log.warning("cannot write status file %s: %s", self.path, exc)
+
+
+async def _serve(settings: Settings, duration: float | None, status_path: str | None = None) -> int:
     node = DmqNode(settings)
     try:
         await node.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
+    if status_path is not None:
+        status = StatusFile(status_path, node)
+        try:
+            status.write()
+        except OSError as exc:
+            log.error("cannot write status file %s: %s", status.path, exc)
+            await node.stop(announce_timeout=0)
+            return 1
+        # start() awaits nothing after the events it emits, so none is missed between the
+        # first write and subscribing.
+        node.events.subscribe(status.on_event)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(settings.log.level)
     if install_uvloop():
         log.debug("using uvloop")
-    return asyncio.run(_serve(settings, args.duration))
+    return asyncio.run(_serve(settings, args.duration, args.status_file))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -94,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(run)
     run.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: never)"
+    )
+    run.add_argument(
+        "--status-file",
+        metavar="PATH",
+        default=None,
+        help="keep PATH up to date (atomically) as JSON {nodes, stats}: written at start and on"
+        " every node-list change (an observation channel until RPC exists)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -86,7 +86,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class DmqSettings:
-    """``[dmq]``: Kamailio's dmq modparams under their own names, plus two pydmq extensions."""
+    """``[dmq]``: Kamailio's dmq modparams under their own names, plus pydmq extensions."""
 
     #: This node's SIP URI as advertised to peers; needs an explicit port (Kamailio: NULL).
     server_address: str = "sip:127.0.0.1:5060"
@@ -115,6 +115,8 @@ class DmqSettings:
     )
     #: pydmq: jobs one worker queue may hold before requests are refused with 503.
     max_queue: int = 10000
+    #: pydmq: ``IP[:port]`` of the DNS server that multi_notify asks; ``None`` = the system's.
+    dns_server: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +429,22 @@ def _server_socket(text: str) -> str:
     return text
 
 
+def _dns_server(text: str) -> str:
+    example = "e.g. 10.0.0.53, 127.0.0.1:5353 or [::1]:53"
+    try:
+        host, _port = _split_hostport(text)
+    except _Invalid as exc:
+        raise _Invalid(f"must be IP[:port], {example} ({exc})") from None
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise _Invalid(
+            f"must be an IP address with an optional port, {example}: a DNS server named by a"
+            " host name would need DNS to be found"
+        ) from None
+    return text
+
+
 def _channel(text: str) -> str:
     if not _CHANNEL.fullmatch(text):
         raise _Invalid(
@@ -499,6 +517,7 @@ _FIELDS: dict[str, dict[str, _Field]] = {
         "fail_count_threshold_disabled": _int_field(0),
         "allowed_sources": _list_field(_cidr, "a CIDR network", allow_empty=False),
         "max_queue": _int_field(1),
+        "dns_server": _str_field(_dns_server, "IP[:port]", optional=True),
     },
     "tm": {
         "t1": _seconds_field(60),
@@ -655,6 +674,12 @@ def _cross_check(s: Settings) -> list[str]:
             f" values {_show(d.notification_address)}: Kamailio does not support multi_notify"
             " with several notification addresses (it would use only the first); give one"
             " address whose name resolves to every seed, or set multi_notify = 0"
+        )
+    if d.dns_server is not None and not d.multi_notify:
+        warnings.append(
+            f"dmq.dns_server = {_show(d.dns_server)} has no effect with multi_notify = 0: it is"
+            " only used to expand the notification address; node host names are always"
+            " resolved by the system resolver"
         )
     if s.tm.t2 < s.tm.t1:
         raise ConfigError(

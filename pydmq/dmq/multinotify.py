@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.resolver
@@ -49,6 +50,7 @@ __all__ = [
     "expand_notification_address",
     "resolve_host",
     "resolve_host_async",
+    "resolver_for_server",
 ]
 
 log = logging.getLogger(__name__)
@@ -256,6 +258,34 @@ def _default_resolver() -> dns.asyncresolver.Resolver:
     resolver = dns.asyncresolver.Resolver()
     resolver.lifetime = DEFAULT_QUERY_LIFETIME
     resolver.timeout = min(resolver.timeout, DEFAULT_QUERY_LIFETIME)
+    return resolver
+
+
+def resolver_for_server(server: str | None) -> dns.asyncresolver.Resolver | None:
+    """A resolver asking only ``server`` (``IP[:port]``, IPv6 in brackets, port 53 by default),
+    ignoring ``/etc/resolv.conf``; ``None`` for ``None`` (then the system resolver is used).
+
+    This is how the ``dmq.dns_server`` setting reaches :func:`expand_notification_address`.
+    Raises ``ValueError`` for text that is not an IP address with an optional port.
+    """
+    if server is None:
+        return None
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif server.count(":") == 1:
+        host, _, port_text = server.partition(":")
+    else:
+        host, port_text = server, ""
+    port = int(port_text) if port_text.isdigit() else 53
+    if (port_text and not port_text.isdigit()) or not 1 <= port <= 65535:
+        raise ValueError(f"bad DNS server port in {server!r}")
+    address = str(ipaddress.ip_address(host))
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)]
+    # Two tries per query within its lifetime: one lost UDP datagram is not a failed expansion.
+    resolver.lifetime = DEFAULT_QUERY_LIFETIME
+    resolver.timeout = DEFAULT_QUERY_LIFETIME / 2
     return resolver
 
 

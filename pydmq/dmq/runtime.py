@@ -4,19 +4,29 @@
 notification logic, the channel registry and the worker pool. It turns the notification logic's
 commands into KDMQ requests, feeds replies and timeouts back, and runs the ping timer. All state
 lives in one event loop, so nothing here needs a lock.
+
+Lifecycle: :meth:`DmqNode.start` once, :meth:`DmqNode.stop` once (a stopped node cannot be
+started again: build a new one). ``stop()`` announces ``status=disabled`` to every peer first
+(spec 2.9, which Kamailio only intends); ``stop(announce=False)`` leaves silently, as a crashed or
+killed Kamailio does, so peers only find out through their ping timeouts (spec 2.7).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from functools import lru_cache
 
 from pydmq.config import Settings
-from pydmq.dmq.multinotify import expand_notification_address, resolve_host
-from pydmq.dmq.node import Node, NodeError, NodeKey, build_local_node, node_key
+from pydmq.dmq.multinotify import (
+    expand_notification_address,
+    resolve_host,
+    resolver_for_server,
+)
+from pydmq.dmq.node import Node, NodeError, NodeKey, build_local_node, node_key, normalize_ip
 from pydmq.dmq.nodelist import MembershipEvent, MembershipPolicy, NodeList
 from pydmq.dmq.notification import (
     Command,
@@ -76,6 +86,29 @@ def default_route(dmq: DmqNode, incoming: IncomingRequest) -> None:
         incoming.reply(404, "Not Found")
 
 
+class NodeStats(DmqStats):
+    """:class:`DmqStats` whose :meth:`snapshot` first pulls the counters kept below DMQ.
+
+    ``parse_errors`` (input dropped unparsed: oversize or garbage datagrams, broken streams) and
+    ``retransmissions`` (requests seen again before their reply went out, plus our own resends)
+    are counted by the SIP endpoint and transports, which know nothing of DMQ stats.
+    """
+
+    __slots__ = ("_refresh",)
+
+    def __init__(self, refresh: Callable[[DmqStats], None] | None = None) -> None:
+        super().__init__()
+        self._refresh = refresh
+
+    def snapshot(self) -> dict[str, object]:
+        if self._refresh is not None:
+            try:
+                self._refresh(self)
+            except Exception:  # a stats read must never fail
+                log.exception("DMQ stats: refreshing the SIP counters failed")
+        return super().snapshot()
+
+
 class DmqNode:
     """One DMQ node: membership, channels, workers and the developer API."""
 
@@ -83,7 +116,7 @@ class DmqNode:
         self.settings = settings
         d = settings.dmq
         self.route: RouteFunction = route or default_route
-        self.stats = DmqStats()
+        self.stats: DmqStats = NodeStats(self._refresh_stats)
         self.events: EventBus[MembershipEvent] = EventBus()
         self.peers = PeerRegistry()
         self.channel = d.notification_channel
@@ -122,7 +155,8 @@ class DmqNode:
         self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
         self._ping_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[object]] = set()
-        self._started = False
+        self._state = "new"  # new -> running -> stopping -> stopped
+        self._last_warning: str | None = None
 
     def _build_membership(self, addresses: Sequence[str]) -> None:
         d = self.settings.dmq
@@ -137,36 +171,79 @@ class DmqNode:
         self.notification = NotificationLogic(self.nodes, resolve_host, channel=self.channel)
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._state == "running"
+
     async def start(self) -> None:
-        """Listen, start the workers, ask the notification addresses for the node list."""
+        """Listen, start the workers, ask the notification addresses for the node list.
+
+        Raises :class:`RuntimeError` when called twice or after :meth:`stop`; if anything fails
+        half-way the sockets opened so far are closed again.
+        """
+        if self._state != "new":
+            raise RuntimeError(f"DmqNode.start() on a node that is {self._state}")
+        self._state = "starting"
         d = self.settings.dmq
-        await self.endpoint.start()
-        self.workers.start()
-        self._started = True
-        if d.multi_notify and d.notification_address:
-            expanded = await expand_notification_address(d.notification_address[0])
-            log.info("multi_notify: %s -> %s", d.notification_address[0], ", ".join(expanded))
-            # The expansion stands in for the name: those nodes are the seeds (never deleted,
-            # used again when the list shrinks to ourselves). Kamailio would not protect them.
-            self._build_membership(expanded)
+        try:
+            await self.endpoint.start()
+            self.workers.start()
+            if d.multi_notify and d.notification_address:
+                expanded = await expand_notification_address(
+                    d.notification_address[0], resolver=resolver_for_server(d.dns_server)
+                )
+                log.info(
+                    "multi_notify: %s -> %s", d.notification_address[0], ", ".join(expanded)
+                )
+                # The expansion stands in for the name: those nodes are the seeds (never
+                # deleted, used again when the list shrinks to ourselves). Kamailio would not
+                # protect them.
+                self._build_membership(expanded)
+        except BaseException:
+            self._state = "stopped"
+            await self.workers.stop(drain=False, timeout=0)
+            await self.endpoint.close()
+            raise
+        self._state = "running"
         self._run(self.notification.start())
         self._schedule_ping()
         log.info("dmq node %s listening on %s", self.local.orig_uri, self.endpoint.specs[0])
 
-    async def stop(self, *, announce_timeout: float = 1.0) -> None:
-        """Announce ``status=disabled`` to every peer (what Kamailio means to do), then stop."""
-        if not self._started:
+    async def stop(self, *, announce: bool = True, announce_timeout: float = 1.0) -> None:
+        """Leave the bus and release everything; a second call returns at once.
+
+        ``announce`` (default): send ``status=disabled`` to every peer (what Kamailio means to
+        do, spec 2.9), wait up to ``announce_timeout`` seconds for their replies and let the
+        queued jobs finish (also bounded by ``announce_timeout``). ``announce=False``: stop as
+        if killed; nothing is sent, queued jobs are dropped and peers notice only when their
+        pings time out. Either way, sends still in flight are abandoned: their response
+        callbacks do not run and their futures are cancelled.
+        """
+        if self._state not in ("running", "starting"):
+            self._state = "stopped"
             return
-        self._started = False
+        if self._state == "starting":
+            announce = False  # nothing was announced yet, and the sockets may not be up
+        self._state = "stopping"
         if self._ping_handle is not None:
             self._ping_handle.cancel()
-        futures = self._run(self.notification.shutdown())
-        if futures:
-            await asyncio.wait(futures, timeout=announce_timeout)
-        await self.workers.stop(drain=True, timeout=announce_timeout)
-        for task in list(self._tasks):
+            self._ping_handle = None
+        if announce:
+            futures = self._run(self.notification.shutdown())
+            if futures:
+                await asyncio.wait(futures, timeout=announce_timeout)
+            await self.workers.stop(drain=True, timeout=announce_timeout)
+        else:
+            self.notification.stopped = True  # no init callbacks, broadcasts nor pings
+            await self.workers.stop(drain=False, timeout=0)
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.endpoint.close()
+        self._state = "stopped"
 
     # -- ping ------------------------------------------------------------------------------
     def _schedule_ping(self) -> None:
@@ -174,22 +251,45 @@ class DmqNode:
         self._ping_handle = loop.call_later(self.settings.dmq.ping_interval, self._on_ping)
 
     def _on_ping(self) -> None:
-        if not self._started:
+        self._ping_handle = None
+        if not self.running:
             return
-        self._run(self.notification.on_ping_timer())
-        self._schedule_ping()
+        try:
+            self.ping_now()
+        except Exception:  # a bug in one round must not stop the pings for good
+            log.exception("DMQ ping round failed")
+        finally:
+            if self.running:
+                self._schedule_ping()
+
+    def ping_now(self) -> list[FinalFuture]:
+        """Run one ping round now (spec 2.8), as the timer does; the timer is not shifted.
+
+        Returns the futures of the requests sent (one per non-local node, or the request-node-
+        list of a rejoin); they complete after the replies (or local 408s) have been applied.
+        """
+        if not self.running:
+            return []
+        return self._run(self.notification.on_ping_timer())
 
     # -- receiving -------------------------------------------------------------------------
     def _source_allowed(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d: compare them as IPv4.
+        norm = normalize_ip(ip)
+        if norm is None:
             return False
+        addr = ipaddress.ip_address(norm)
         return any(addr in net for net in self.settings.dmq.allowed_sources)
 
     def _on_request(self, incoming: IncomingRequest) -> None:
         if not self._everyone and not self._allowed(incoming.source.host):
             self.stats.record_rejected(403)
+            log.debug(
+                "403 to %s %s from %s: not in allowed_sources",
+                incoming.request.method,
+                incoming.request.uri,
+                incoming.source,
+            )
             incoming.reply(403, "Forbidden")
             return
         self.route(self, incoming)
@@ -199,6 +299,11 @@ class DmqNode:
 
         Returns 1 when the request was dispatched or answered, -1 when it could not be (Kamailio's
         return values). Unknown channel: ``404 User Not Found``. Full worker queue: ``503``.
+
+        ``inline`` (and ``num_workers = 0``) runs the channel callback right here, before this
+        returns, as Kamailio's ``dmq_process_message`` does in the SIP worker; a coroutine
+        callback is finished in a task. Otherwise the job is queued on the sender's worker, which
+        keeps the messages of one sender in order (see :mod:`pydmq.dmq.worker`).
         """
         req = incoming.request
         try:
@@ -214,18 +319,19 @@ class DmqNode:
             self.stats.record_rejected(404)
             incoming.reply(404, "User Not Found")
             return 1
-        self.stats.record_in(channel)
+        if inline or self.workers.num_workers == 0:
+            self.stats.record_in(channel)
+            self._process_inline(peer, incoming)
+            return 1
 
         async def job() -> None:
             await self._process(peer, incoming)
 
-        if inline or self.workers.num_workers == 0:
-            self._spawn(job())
-            return 1
         if not self.workers.submit(self._sender_key(incoming), job):
             self.stats.record_rejected(503)
             incoming.reply(503, "Service Unavailable", extra_headers=[("Retry-After", "1")])
             return -1
+        self.stats.record_in(channel)
         return 1
 
     def _sender_key(self, incoming: IncomingRequest) -> Hashable:
@@ -244,16 +350,49 @@ class DmqNode:
     async def _process(self, peer: Peer, incoming: IncomingRequest) -> None:
         node = self.sender_node(incoming.request)
         response = await run_callback(peer, incoming.request, node)
-        if response.is_sendable:
-            self.stats.record_reply_sent(response.code)
-            incoming.reply(
-                response.code,
-                response.reason,
-                body=response.body,
-                content_type=response.content_type if response.body else None,
+        self._answer(peer, incoming, response)
+
+    def _process_inline(self, peer: Peer, incoming: IncomingRequest) -> None:
+        """Run a synchronous callback and answer before returning; a coroutine goes to a task."""
+        node = self.sender_node(incoming.request)
+        try:
+            result = peer.callback(incoming.request, node)
+        except Exception:
+            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
+            result = PeerResponse(500, "Server Internal Error")
+        if inspect.isawaitable(result):
+            self._spawn(self._finish_inline(peer, incoming, result))
+            return
+        self._answer(peer, incoming, result)
+
+    async def _finish_inline(
+        self, peer: Peer, incoming: IncomingRequest, pending: Awaitable[PeerResponse]
+    ) -> None:
+        try:
+            result = await pending
+        except Exception:
+            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
+            result = PeerResponse(500, "Server Internal Error")
+        self._answer(peer, incoming, result)
+
+    def _answer(self, peer: Peer, incoming: IncomingRequest, response: object) -> None:
+        if not isinstance(response, PeerResponse):
+            log.error(
+                "DMQ peer %r: callback returned %s, not PeerResponse",
+                peer.peer_id,
+                type(response).__name__,
             )
-        else:
+            response = PeerResponse(500, "Server Internal Error")
+        if not response.is_sendable:
             log.warning("channel %s gave no reply code/reason; sender will time out", peer.peer_id)
+            return
+        self.stats.record_reply_sent(response.code)
+        incoming.reply(
+            response.code,
+            response.reason,
+            body=response.body,
+            content_type=response.content_type if response.body else None,
+        )
 
     def _notification_callback(self, request: Request, node: Node | None) -> PeerResponse:
         sender: Node | str | None = node
@@ -279,7 +418,13 @@ class DmqNode:
         content_type: str = "text/plain",
         callback: ResponseCallback | None = None,
     ) -> FinalFuture:
-        """One KDMQ on ``channel`` to ``node``; ``callback`` runs once with the final status."""
+        """One KDMQ on ``channel`` to ``node``; ``callback`` runs once with the final status.
+
+        Raises :class:`DmqError` when the request cannot be started: the node is not running
+        (not started, stopping or stopped) or has no socket for the node's transport.
+        """
+        if self._state not in ("running", "stopping"):
+            raise DmqError(f"DMQ node is {self._state}: cannot send to {node.orig_uri}")
         dest = node_address(node)
         try:
             self.endpoint.local_address(dest.proto)
@@ -336,9 +481,18 @@ class DmqNode:
             elif isinstance(cmd, RunInitCallbacks):
                 self._spawn(run_init_callbacks(self.peers))
             elif isinstance(cmd, LogWarning):
-                log.warning("%s", cmd.message)
+                self._warn(cmd.message)
         self._publish_events()
         return futures
+
+    def _warn(self, message: str) -> None:
+        # The same warning every ping interval (a lone seed node, say) is logged once, then
+        # only at debug level until something else is worth a warning.
+        if message == self._last_warning:
+            log.debug("%s", message)
+            return
+        self._last_warning = message
+        log.warning("%s", message)
 
     def _publish_events(self) -> None:
         for event in self.nodes.drain_events():
@@ -352,9 +506,20 @@ class DmqNode:
             self.events.emit(event)
 
     def _spawn(self, coro: Coroutine[object, object, object]) -> None:
+        if self._state == "stopped":
+            coro.close()
+            return
         task: asyncio.Task[object] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _refresh_stats(self, stats: DmqStats) -> None:
+        ep = self.endpoint
+        transport = ep.transport.stats
+        stats.parse_errors = (
+            transport.udp_dropped + transport.parse_errors + ep.stats.dropped_unparsable
+        )
+        stats.retransmissions = ep.stats.absorbed_retransmissions + ep.layer.retransmissions
 
 
 def _from_key(request: Request) -> NodeKey:
@@ -368,4 +533,4 @@ def _covers_everything(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6
     return "0.0.0.0/0" in nets and "::/0" in nets
 
 
-__all__ = ["DmqError", "DmqNode", "default_route", "kdmq_uri", "node_address"]
+__all__ = ["DmqError", "DmqNode", "NodeStats", "default_route", "kdmq_uri", "node_address"]

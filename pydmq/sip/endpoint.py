@@ -26,6 +26,8 @@ from pydmq.sip.message import (
     new_call_id,
     new_tag,
     parse_message,
+    validate_request,
+    validate_response,
 )
 from pydmq.sip.transaction import (
     ClientFinal,
@@ -155,6 +157,10 @@ class SipEndpoint:
         self.stats.received += 1
         try:
             msg = parse_message(data, self.limits)
+            if isinstance(msg, Response):
+                validate_response(msg)
+            else:
+                validate_request(msg)
         except SipParseError as exc:
             self._on_parse_error(data, exc, source, local)
             return

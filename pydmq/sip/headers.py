@@ -21,6 +21,7 @@ __all__ = [
     "NameAddr",
     "Via",
     "canonical_name",
+    "first_element",
     "is_token",
     "split_commas",
 ]
@@ -134,18 +135,56 @@ def _has_any(text: str, chars: str) -> bool:
 
 
 def _quote_end(text: str, start: int) -> int:
-    """Index of the ``"`` closing the quoted-string opened at ``start``; -1 if unterminated."""
+    """Index of the ``"`` closing the quoted-string opened at ``start``; -1 if unterminated.
+
+    Jumps with ``str.find`` (escapes are ``\\x``) instead of walking characters, so a long
+    hostile value costs C time, not Python time.
+    """
     i = start + 1
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
+    while True:
+        q = text.find('"', i)
+        if q < 0:
+            return -1
+        b = text.find("\\", i, q)
+        if b < 0:
+            return q
+        i = b + 2
+
+
+def _split_outside(text: str, sep: str, angle: bool, maxsplit: int = -1) -> tuple[list[str], bool]:
+    """Split on ``sep`` outside quoted strings (and ``<...>`` when ``angle``).
+
+    Returns ``(parts, terminated)``; after an unterminated quote or bracket the rest of the text
+    is the last part. Linear: each special character is found once, with ``str.find``.
+    """
+    parts: list[str] = []
+    start = i = 0
+    n_sep = text.find(sep)
+    n_quote = text.find('"')
+    n_angle = text.find("<") if angle else -1
+    while True:
+        if 0 <= n_sep < i:
+            n_sep = text.find(sep, i)
+        if 0 <= n_quote < i:
+            n_quote = text.find('"', i)
+        if 0 <= n_angle < i:
+            n_angle = text.find("<", i)
+        j = min((p for p in (n_sep, n_quote, n_angle) if p >= 0), default=-1)
+        if j < 0:
+            break
+        if j == n_sep:
+            parts.append(text[start:j])
+            start = i = j + 1
+            if len(parts) == maxsplit:
+                break
             continue
-        if c == '"':
-            return i
-        i += 1
-    return -1
+        end = _quote_end(text, j) if j == n_quote else text.find(">", j + 1)
+        if end < 0:
+            parts.append(text[start:])
+            return parts, False
+        i = end + 1
+    parts.append(text[start:])
+    return parts, True
 
 
 def split_commas(value: str) -> list[str]:
@@ -160,25 +199,7 @@ def split_commas(value: str) -> list[str]:
             return [v] if v else []
         parts = value.split(",")
     else:
-        parts = []
-        start = 0
-        i = 0
-        n = len(value)
-        while i < n:
-            c = value[i]
-            if c == '"':
-                end = _quote_end(value, i)
-                i = n if end < 0 else end + 1
-                continue
-            if c == "<":
-                end = value.find(">", i + 1)
-                i = n if end < 0 else end + 1
-                continue
-            if c == ",":
-                parts.append(value[start:i])
-                start = i + 1
-            i += 1
-        parts.append(value[start:])
+        parts = _split_outside(value, ",", True)[0]
     out = []
     for part in parts:
         element = part.strip(_WS)
@@ -187,27 +208,30 @@ def split_commas(value: str) -> list[str]:
     return out
 
 
+def first_element(value: str) -> str | None:
+    """The first non-empty element of an ``#element`` list without splitting all of it (a
+    64 KB ``Via: a, a, a...`` must not cost more than its first value); ``None`` if empty."""
+    rest = value
+    while True:
+        if '"' in rest or "<" in rest:
+            parts = _split_outside(rest, ",", True, 1)[0]
+        else:
+            parts = rest.split(",", 1)
+        element = parts[0].strip(_WS)
+        if element:
+            return element
+        if len(parts) == 1:
+            return None
+        rest = parts[1]
+
+
 def _split_semis(text: str) -> list[str]:
     """Split on ``;`` outside quoted strings."""
     if '"' not in text:
         return text.split(";")
-    parts = []
-    start = 0
-    i = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == '"':
-            end = _quote_end(text, i)
-            if end < 0:
-                raise SipParseError("unterminated quoted string")
-            i = end + 1
-            continue
-        if c == ";":
-            parts.append(text[start:i])
-            start = i + 1
-        i += 1
-    parts.append(text[start:])
+    parts, terminated = _split_outside(text, ";", False)
+    if not terminated:
+        raise SipParseError("unterminated quoted string")
     return parts
 
 
@@ -387,18 +411,31 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class NameAddr:
     """From/To/Contact value (RFC 3261 §20.10, §20.20, §20.39): name-addr or addr-spec.
 
     ``display`` is the unquoted display name (``None`` when there is none); ``params`` are the
     header parameters after the URI (``tag``...), ordered, flags as ``None``. ``str()`` always
     writes the name-addr form ``"display" <uri>;params``, which is valid wherever either was.
+    Built as ``NameAddr(display, uri, params)`` (the contract's order) or ``NameAddr(uri=...)``.
     """
 
+    display: str | None
     uri: SipUri
-    display: str | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
+    params: dict[str, str | None]
+
+    def __init__(
+        self,
+        display: str | None = None,
+        uri: SipUri | None = None,
+        params: dict[str, str | None] | None = None,
+    ) -> None:
+        if not isinstance(uri, SipUri):
+            raise TypeError("NameAddr(display, uri, params) needs uri=<SipUri>")
+        self.display = display
+        self.uri = uri
+        self.params = {} if params is None else params
 
     @classmethod
     def parse(cls, text: str, what: str = "address") -> NameAddr:
@@ -435,7 +472,7 @@ class NameAddr:
                 if _has_any(uri_text, ' \t,?>"'):
                     raise SipParseError("bad addr-spec")
                 params = _parse_params(_split_semis(s[semi + 1 :]), 0) if semi >= 0 else {}
-                return cls(SipUri.parse(uri_text), None, params)
+                return cls(None, SipUri.parse(uri_text), params)
             name = s[:lt].strip(_WS)
             if any(not is_token(w) for w in name.split()):
                 raise SipParseError("bad display name")
@@ -449,12 +486,12 @@ class NameAddr:
         if tail:
             tail = tail.strip(_WS)
         if not tail:
-            return cls(uri, display, {})
+            return cls(display, uri, {})
         if tail[0] != ";":
             raise SipParseError("junk after >")
         tail = tail[1:]
         return cls(
-            uri, display, _parse_params(_split_semis(tail) if '"' in tail else tail.split(";"), 0)
+            display, uri, _parse_params(_split_semis(tail) if '"' in tail else tail.split(";"), 0)
         )
 
     @property
@@ -488,9 +525,10 @@ class CSeq(NamedTuple):
         if hit is not None:
             return hit
         cseq = cls._parse(text)
-        if len(_CSEQ_CACHE) >= _CSEQ_CACHE_MAX:
-            _CSEQ_CACHE.clear()
-        _CSEQ_CACHE[text] = cseq
+        if len(text) <= 64:
+            if len(_CSEQ_CACHE) >= _CSEQ_CACHE_MAX:
+                _CSEQ_CACHE.clear()
+            _CSEQ_CACHE[text] = cseq
         return cseq
 
     @classmethod

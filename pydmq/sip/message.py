@@ -36,6 +36,7 @@ from pydmq.sip.headers import (
     NameAddr,
     Via,
     canonical_name,
+    first_element,
     is_token,
     split_commas,
 )
@@ -237,9 +238,9 @@ class SipMessage:
             return value
         for k, _, v, _ in self._get_rows():
             if k == key:
-                parts = split_commas(v)
-                if parts:
-                    return parts[0]
+                element = first_element(v)
+                if element is not None:
+                    return element
         return ""
 
     def get_all(self, name: str) -> list[str]:
@@ -306,9 +307,8 @@ class SipMessage:
         rows = self._get_rows()
         for i, (key, name, value, _) in enumerate(rows):
             if key == "via":
-                parts = split_commas(value)
-                parts[:1] = [text]
-                rows[i] = (key, name, ", ".join(parts), None)
+                rest = _after_first_element(value)
+                rows[i] = (key, name, f"{text}, {rest}" if rest else text, None)
                 self._changed()
                 return
         raise SipParseError("Missing Via")
@@ -326,10 +326,10 @@ class SipMessage:
             value = self._first_value("via")
             if value is None:
                 raise SipParseError("Missing Via")
-            parts = split_commas(value)
-            if not parts:
+            element = first_element(value)
+            if element is None:
                 raise SipParseError("Bad Via")
-            via = cache["via"] = Via.parse(parts[0])
+            via = cache["via"] = Via.parse(element)
         return via
 
     @property
@@ -725,7 +725,7 @@ def _parse(data: bytes, limits: Limits, head_only: bool) -> Request | Response:
             method = mb.decode("latin-1")
             if not is_token(method):
                 raise _bad("Bad request line")
-            if len(_METHODS) < _METHODS_MAX:
+            if len(mb) <= 32 and len(_METHODS) < _METHODS_MAX:
                 _METHODS[mb] = method
         msg = Request.__new__(Request)
         msg._method = method
@@ -818,7 +818,9 @@ def validate_request(req: Request) -> None:
 
     Drop: a Via, From, To, Call-ID or CSeq that is missing, malformed or (From/To/Call-ID/CSeq)
     repeated, since no valid reply could be built or routed. Answerable: a stray non-header line,
-    a bad Request-URI, any further Via, Max-Forwards, or a CSeq method that is not the request's.
+    a bad Request-URI or Max-Forwards, or a CSeq method that is not the request's. Only the top
+    Via is parsed (all a UAS uses, RFC 3261 §8.2.6): the others are copied to a reply verbatim,
+    and parsing thousands of them would let one datagram buy milliseconds of CPU.
     """
     reason = _mandatory_error(req)
     if reason is not None:
@@ -833,7 +835,6 @@ def _secondary_error(req: Request) -> str | None:
         return "Bad header line"
     try:
         req.ruri  # noqa: B018
-        req.vias  # noqa: B018
         req.max_forwards  # noqa: B018
     except SipParseError as exc:
         return exc.reason
@@ -866,6 +867,8 @@ def make_response(
     """Build a response per RFC 3261 §8.2.6.
 
     Via (every row), From, To, Call-ID and CSeq are copied in the request's order and spelling.
+    If the cached ``request.via`` was changed in place (the transport stamps ``received`` and
+    ``rport`` there, RFC 3581 / §18.2.1), the top Via is written as it now stands.
     The To gets ``;tag=`` (``to_tag`` or a fresh one) when it has none, except on 100 Trying.
     Then Content-Type (when given), ``extra_headers`` in order (e.g. Server), Content-Length:
     the layout of Kamailio's sl replies. Never raises for a malformed request (a bad To is
@@ -874,8 +877,14 @@ def make_response(
     resp = Response(status, reason, body=body)
     rows: list[_Row] = []
     tag_to = status != 100
+    top_via = _edited_top_via(request)
     for row in request._get_rows():
         key = row[0]
+        if key == "via" and top_via is not None:
+            rest = _after_first_element(row[2])
+            rows.append((key, row[1], f"{top_via}, {rest}" if rest else top_via, None))
+            top_via = None
+            continue
         if key == "to" and tag_to:
             tag_to = False  # only the first To (a second one makes the request unusable anyway)
             try:
@@ -894,3 +903,25 @@ def make_response(
     rows.append(("content-length", "Content-Length", str(len(resp.body)), None))
     resp._rows = rows
     return resp
+
+
+def _edited_top_via(request: Request) -> str | None:
+    """``str(request.via)`` if that cached object no longer matches the wire text, else None."""
+    cache = request._cache
+    cached = cache.get("via") if cache is not None else None
+    if cached is None:
+        return None
+    try:
+        original: Via | None = Via.parse(first_element(request._first_value("via") or "") or "")
+    except SipParseError:
+        original = None
+    return None if original == cached else _check_value(str(cached))
+
+
+def _after_first_element(value: str) -> str:
+    """What follows the first element of a comma list, as written (``""`` if nothing)."""
+    first = first_element(value)
+    if first is None:
+        return ""
+    rest = value[value.index(first) + len(first) :].lstrip(" \t")
+    return rest[1:].strip(" \t") if rest.startswith(",") else rest.strip(" \t")

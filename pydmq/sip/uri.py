@@ -189,9 +189,10 @@ def split_hostport(hostport: str) -> tuple[str, int | None, str]:
     if hit is not None:
         return hit
     result = _split_hostport_uncached(hostport)
-    if len(_HOSTPORT_CACHE) >= _HOSTPORT_CACHE_MAX:
-        _HOSTPORT_CACHE.clear()
-    _HOSTPORT_CACHE[hostport] = result
+    if len(hostport) <= 128:
+        if len(_HOSTPORT_CACHE) >= _HOSTPORT_CACHE_MAX:
+            _HOSTPORT_CACHE.clear()
+        _HOSTPORT_CACHE[hostport] = result
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pydmq.sip.errors import SipParseError
-from pydmq.sip.headers import CSeq, NameAddr, Via, split_commas
+from pydmq.sip.headers import CSeq, NameAddr, Via, first_element, split_commas
 from pydmq.sip.message import (
     BadRequestError,
     Limits,
@@ -31,8 +31,13 @@ MANDATORY = [
 ]
 
 
-def raw(*headers: str, body: str = "", start: str = "KDMQ sip:htable@10.0.0.2:5060 SIP/2.0",
-        cl: bool = True, eol: str = "\r\n") -> bytes:
+def raw(
+    *headers: str,
+    body: str = "",
+    start: str = "KDMQ sip:htable@10.0.0.2:5060 SIP/2.0",
+    cl: bool = True,
+    eol: str = "\r\n",
+) -> bytes:
     """A message from header lines; Content-Length from the body unless ``cl`` is False."""
     lines = [start, *headers]
     if cl:
@@ -220,20 +225,25 @@ def test_non_list_headers_are_not_split() -> None:
 def test_split_commas_edges() -> None:
     assert split_commas("a,,b, ") == ["a", "b"]
     assert split_commas('"a\\",b", c') == ['"a\\",b"', "c"]
-    assert split_commas('"open, c') == ['"open, c']
+    assert split_commas('"x\\\\", y') == ['"x\\\\"', "y"]  # escaped backslash, then the end
+    assert split_commas('a, "open, c') == ["a", '"open, c']
+    assert split_commas("a, <sip:x, y") == ["a", "<sip:x, y"]
     assert split_commas("") == []
+    assert first_element(" , ,a, b") == "a"
+    assert first_element('"x, y" <sip:a>, b') == '"x, y" <sip:a>'
+    assert first_element(" , ") is None
 
 
 # -- Via --------------------------------------------------------------------------------------
 
 
 def test_via_ipv6_received_rport() -> None:
-    v = Via.parse(
-        "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx;received=2001:db8::2;rport=5070"
-    )
+    v = Via.parse("SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx;received=2001:db8::2;rport=5070")
     assert (v.transport, v.host, v.port) == ("UDP", "[2001:db8::1]", 5060)
     assert (v.branch, v.received, v.rport) == ("z9hG4bKx", "2001:db8::2", "5070")
-    assert str(v) == "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx;received=2001:db8::2;rport=5070"
+    assert (
+        str(v) == "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKx;received=2001:db8::2;rport=5070"
+    )
 
 
 def test_via_rport_three_states_and_case() -> None:
@@ -284,11 +294,32 @@ def test_bad_via_in_message_is_dropped() -> None:
     assert exc.value.reason == "Bad Via" and not exc.value.answerable
 
 
-def test_bad_second_via_is_answerable() -> None:
+def test_only_the_top_via_is_validated() -> None:
+    # A UAS uses only the top Via; the rest is copied to the reply verbatim.
     m = req(*MANDATORY, "Via: SIP/2.0/UDP")
-    with pytest.raises(BadRequestError) as exc:
-        validate_request(m)
-    assert exc.value.reason == "Bad Via" and exc.value.request is m
+    validate_request(m)
+    with pytest.raises(SipParseError, match="Bad Via"):
+        m.vias  # noqa: B018
+    assert make_response(m, 200, "OK").get_all("Via")[1] == "SIP/2.0/UDP"
+
+
+def test_huge_via_list_costs_only_its_first_element() -> None:
+    many = ", ".join(["SIP/2.0/UDP h;branch=z9hG4bKx"] * 200)
+    m = req(f"Via: SIP/2.0/TCP top:5;branch=z9hG4bKtop, {many}", *MANDATORY[1:])
+    validate_request(m)
+    assert (m.via.transport, m.via.host, m.get("Via")) == (
+        "TCP",
+        "top",
+        "SIP/2.0/TCP top:5;branch=z9hG4bKtop",
+    )
+    via = m.via
+    via.params["received"] = "192.0.2.1"
+    m.replace_top_via(via)
+    assert m.get_all("Via")[:2] == [
+        "SIP/2.0/TCP top:5;branch=z9hG4bKtop;received=192.0.2.1",
+        "SIP/2.0/UDP h;branch=z9hG4bKx",
+    ]
+    assert len(m.get_all("Via")) == 201
 
 
 # -- From / To --------------------------------------------------------------------------------
@@ -302,11 +333,16 @@ def test_bad_second_via_is_answerable() -> None:
         ('"Alice" <sip:a@b>;tag=1', "Alice", "sip:a@b", {"tag": "1"}),
         ('"A \\"q\\" \\\\ b" <sip:a@b>', 'A "q" \\ b', "sip:a@b", {}),
         ('"Dr. <Evil>; x, y" <sip:a@b>', "Dr. <Evil>; x, y", "sip:a@b", {}),
-        ("Bob Smith <sip:bob@[::1]:5060;transport=tcp>", "Bob Smith", "sip:bob@[::1]:5060;transport=tcp", {}),
+        (
+            "Bob Smith <sip:bob@[::1]:5060;transport=tcp>",
+            "Bob Smith",
+            "sip:bob@[::1]:5060;transport=tcp",
+            {},
+        ),
         ("sip:a@b;tag=t9", None, "sip:a@b", {"tag": "t9"}),
         ("sip:a@b", None, "sip:a@b", {}),
         ("  <sip:a@b> ; tag = t ; x", None, "sip:a@b", {"tag": "t", "x": None}),
-        ("\"\" <sip:a@b>", "", "sip:a@b", {}),
+        ('"" <sip:a@b>', "", "sip:a@b", {}),
     ],
 )
 def test_name_addr(text: str, display: str | None, uri: str, params: dict[str, str | None]) -> None:
@@ -324,13 +360,31 @@ def test_addr_spec_params_are_header_params() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "<sip:a@b", '"open <sip:a@b>', "<sip:a@b> junk", "<tel:+1>", '"A" sip:a@b',
-     "A@B <sip:a@b>", "<sip:a@b>;tag=", "sip:a b@c", "<>"],
+    [
+        "",
+        "<sip:a@b",
+        '"open <sip:a@b>',
+        "<sip:a@b> junk",
+        "<tel:+1>",
+        '"A" sip:a@b',
+        "A@B <sip:a@b>",
+        "<sip:a@b>;tag=",
+        "sip:a b@c",
+        "<>",
+    ],
 )
 def test_bad_name_addr(text: str) -> None:
     with pytest.raises(SipParseError) as exc:
         NameAddr.parse(text, "From")
     assert exc.value.reason == "Bad From"
+
+
+def test_name_addr_constructor() -> None:
+    u = SipUri.parse("sip:a@b")
+    assert str(NameAddr("Al", u, {"tag": "1"})) == '"Al" <sip:a@b>;tag=1'
+    assert NameAddr(uri=u) == NameAddr(None, u, {})
+    with pytest.raises(TypeError):
+        NameAddr(u)  # type: ignore[arg-type]
 
 
 def test_tags_in_message() -> None:
@@ -351,10 +405,12 @@ def test_cseq() -> None:
     assert hash(CSeq(1, "A")) == hash(CSeq.parse("1 A"))
 
 
-@pytest.mark.parametrize("text", ["", "10", "KDMQ", "x KDMQ", "-1 KDMQ", "2147483648 KDMQ",
-                                  "1 2 3", "1 K(DMQ", "１ KDMQ"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "10", "KDMQ", "x KDMQ", "-1 KDMQ", "2147483648 KDMQ", "1 2 3", "1 K(DMQ", "\uff11 KDMQ"],
+)
 def test_bad_cseq(text: str) -> None:
-    with pytest.raises(SipParseError, match="^Bad CSeq$"):
+    with pytest.raises(SipParseError, match=r"^Bad CSeq$"):
         CSeq.parse(text)
 
 
@@ -378,8 +434,13 @@ def test_call_id_and_max_forwards() -> None:
 
 @pytest.mark.parametrize(
     ("drop", "reason"),
-    [(0, "Missing Via"), (1, "Missing From"), (2, "Missing To"), (3, "Missing Call-ID"),
-     (4, "Missing CSeq")],
+    [
+        (0, "Missing Via"),
+        (1, "Missing From"),
+        (2, "Missing To"),
+        (3, "Missing Call-ID"),
+        (4, "Missing CSeq"),
+    ],
 )
 def test_missing_mandatory_header(drop: int, reason: str) -> None:
     m = req(*[h for i, h in enumerate(MANDATORY) if i != drop])  # parse itself is lazy: fine
@@ -391,8 +452,12 @@ def test_missing_mandatory_header(drop: int, reason: str) -> None:
 
 @pytest.mark.parametrize(
     ("header", "reason"),
-    [("From: <sip:a@b>;tag=2", "Duplicate From"), ("To: <sip:x@y>", "Duplicate To"),
-     ("i: other", "Duplicate Call-ID"), ("CSeq: 11 KDMQ", "Duplicate CSeq")],
+    [
+        ("From: <sip:a@b>;tag=2", "Duplicate From"),
+        ("To: <sip:x@y>", "Duplicate To"),
+        ("i: other", "Duplicate Call-ID"),
+        ("CSeq: 11 KDMQ", "Duplicate CSeq"),
+    ],
 )
 def test_duplicate_singleton_is_dropped(header: str, reason: str) -> None:
     with pytest.raises(SipParseError) as exc:
@@ -464,7 +529,7 @@ def test_content_length_longer_without_mandatory_is_dropped() -> None:
     ],
 )
 def test_bad_content_length(headers: tuple[str, ...]) -> None:
-    with pytest.raises(BadRequestError, match="^Bad Content-Length$"):
+    with pytest.raises(BadRequestError, match=r"^Bad Content-Length$"):
         parse_message(raw(*MANDATORY, *headers, cl=False))
 
 
@@ -567,8 +632,7 @@ def test_mixed_line_endings() -> None:
     data = b"KDMQ sip:a@b SIP/2.0\r\n" + "\n".join(MANDATORY).encode() + b"\r\nl: 1\n\r\nxy"
     m = parse_message(data)
     assert m.get("Call-ID") == "c1@10.0.0.1" and m.body == b"x"
-    assert m.to_bytes() == raw(*MANDATORY, "l: 1", start="KDMQ sip:a@b SIP/2.0", cl=False,
-                               body="x")
+    assert m.to_bytes() == raw(*MANDATORY, "l: 1", start="KDMQ sip:a@b SIP/2.0", cl=False, body="x")
 
 
 def test_first_empty_line_ends_the_head() -> None:
@@ -599,8 +663,9 @@ def test_malformed_framing(data: bytes, reason: str) -> None:
 
 
 def test_non_utf8_bytes_survive() -> None:
-    data = raw(*MANDATORY, "X-Bin: caf\xe9".replace("\xe9", "")).replace(b"X-Bin: caf",
-                                                                         b"X-Bin: caf\xe9\xff")
+    data = raw(*MANDATORY, "X-Bin: caf\xe9".replace("\xe9", "")).replace(
+        b"X-Bin: caf", b"X-Bin: caf\xe9\xff"
+    )
     m = parse_message(data)
     value = m.get("X-Bin")
     assert value is not None and value.startswith("caf")
@@ -617,8 +682,8 @@ def test_utf8_display_name() -> None:
 
 def test_bytes_like_input() -> None:
     data = raw(*MANDATORY)
-    assert parse_message(bytearray(data)).to_bytes() == data
-    assert parse_message(memoryview(data)).to_bytes() == data
+    assert parse_message(bytearray(data)).to_bytes() == data  # type: ignore[arg-type]
+    assert parse_message(memoryview(data)).to_bytes() == data  # type: ignore[arg-type]
 
 
 # -- editing ----------------------------------------------------------------------------------
@@ -642,8 +707,14 @@ def test_add_set_remove_keep_order() -> None:
 
 def test_add_rejects_injection() -> None:
     m = req(*MANDATORY)
-    for name, value in (("X", "a\r\nInjected: 1"), ("X", "a\nb"), ("X", "nul\0"),
-                        ("Bad Name", "v"), ("X:", "v"), ("X", "\ud800")):
+    for name, value in (
+        ("X", "a\r\nInjected: 1"),
+        ("X", "a\nb"),
+        ("X", "nul\0"),
+        ("Bad Name", "v"),
+        ("X:", "v"),
+        ("X", "\ud800"),
+    ):
         with pytest.raises(ValueError):
             m.add(name, value)
     with pytest.raises(ValueError):
@@ -657,8 +728,9 @@ def test_add_rejects_injection() -> None:
 
 
 def test_replace_top_via_keeps_other_values() -> None:
-    m = req("Via: SIP/2.0/UDP a:1;rport;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2",
-            *MANDATORY[1:])
+    m = req(
+        "Via: SIP/2.0/UDP a:1;rport;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2", *MANDATORY[1:]
+    )
     via = m.via
     via.params["rport"] = "5555"
     via.params["received"] = "192.0.2.1"
@@ -692,8 +764,8 @@ def test_request_build_kamailio_layout() -> None:
         "KDMQ",
         SipUri.parse("sip:notification_peer@10.0.0.2:5060"),
         via=Via("UDP", "10.0.0.1", 5060, {"branch": "z9hG4bKa1"}),
-        from_=NameAddr(SipUri.parse("sip:notification_peer@10.0.0.1:5060"), params={"tag": "t"}),
-        to=NameAddr(SipUri.parse("sip:notification_peer@10.0.0.2:5060")),
+        from_=NameAddr(None, SipUri.parse("sip:notification_peer@10.0.0.1:5060"), {"tag": "t"}),
+        to=NameAddr(uri=SipUri.parse("sip:notification_peer@10.0.0.2:5060")),
         call_id="cid@10.0.0.1",
         cseq=10,
         max_forwards=2,
@@ -717,17 +789,37 @@ def test_request_build_kamailio_layout() -> None:
     assert isinstance(back, Request)
     validate_request(back)
     assert back.max_forwards == 2 and back.cseq == CSeq(10, "KDMQ")
-    no_mf = Request.build("OPTIONS", "sip:a@b", via="SIP/2.0/TCP h;branch=z9hG4bK1",
-                          from_="<sip:x@y>;tag=1", to="<sip:a@b>", call_id="c",
-                          cseq=CSeq(7, "OPTIONS"), max_forwards=None)
+    no_mf = Request.build(
+        "OPTIONS",
+        "sip:a@b",
+        via="SIP/2.0/TCP h;branch=z9hG4bK1",
+        from_="<sip:x@y>;tag=1",
+        to="<sip:a@b>",
+        call_id="c",
+        cseq=CSeq(7, "OPTIONS"),
+        max_forwards=None,
+    )
     assert no_mf.max_forwards is None and no_mf.content_length == 0
 
 
 def test_make_response_rfc3261() -> None:
-    m = req("Via: SIP/2.0/UDP p;branch=z9hG4bKp", "v: SIP/2.0/UDP a;branch=z9hG4bKa",
-            *MANDATORY[1:], "Max-Forwards: 70", "X-Ignored: 1", body="hi")
-    r = make_response(m, 200, "OK", to_tag="tt", extra_headers=[("Server", "pydmq")],
-                      body=b"data", content_type="text/plain")
+    m = req(
+        "Via: SIP/2.0/UDP p;branch=z9hG4bKp",
+        "v: SIP/2.0/UDP a;branch=z9hG4bKa",
+        *MANDATORY[1:],
+        "Max-Forwards: 70",
+        "X-Ignored: 1",
+        body="hi",
+    )
+    r = make_response(
+        m,
+        200,
+        "OK",
+        to_tag="tt",
+        extra_headers=[("Server", "pydmq")],
+        body=b"data",
+        content_type="text/plain",
+    )
     assert r.to_bytes() == (
         b"SIP/2.0 200 OK\r\n"
         b"Via: SIP/2.0/UDP p;branch=z9hG4bKp\r\n"
@@ -746,6 +838,24 @@ def test_make_response_rfc3261() -> None:
     assert tag and len(tag) == 16 and fresh.body == b"" and fresh.content_length == 0
     trying = make_response(m, 100, "Trying")
     assert trying.to.tag is None
+
+
+def test_make_response_uses_top_via_edited_in_place() -> None:
+    m = req(
+        "Via: SIP/2.0/UDP a:1;branch=z9hG4bK1;rport, SIP/2.0/UDP b;branch=z9hG4bK2",
+        "Via: SIP/2.0/UDP c;branch=z9hG4bK3",
+        *MANDATORY[1:],
+    )
+    untouched = make_response(m, 200, "OK")
+    assert untouched.get_all("Via") == m.get_all("Via")
+    m.via.params.update(rport="4000", received="192.0.2.7")
+    r = make_response(m, 200, "OK")
+    assert r.get_all("Via") == [
+        "SIP/2.0/UDP a:1;branch=z9hG4bK1;rport=4000;received=192.0.2.7",
+        "SIP/2.0/UDP b;branch=z9hG4bK2",
+        "SIP/2.0/UDP c;branch=z9hG4bK3",
+    ]
+    assert m.get("Via") == "SIP/2.0/UDP a:1;branch=z9hG4bK1;rport"  # request rows unchanged
 
 
 def test_make_response_keeps_existing_to_tag() -> None:
