@@ -127,6 +127,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pydmq.demo import run_demo  # noqa: PLC0415 - the demo is not needed to run a node
+
+    return asyncio.run(run_demo(args.host, args.base_port, args.duration, args.interval))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pydmq", description="Kamailio-compatible DMQ node (distributed message queue)"
@@ -147,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         " every node-list change (an observation channel until RPC exists)",
     )
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run a 3-node demo cluster on 127.0.0.1, live")
+    demo.add_argument("--host", default="127.0.0.1", help="address of all three nodes")
+    demo.add_argument("--base-port", type=int, default=5060, help="first of three UDP ports")
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.add_argument("--interval", type=float, default=2.0, help="seconds between broadcasts")
+    demo.set_defaults(func=cmd_demo)
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     add_cli_arguments(check)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install pydmq and run the main job: a DMQ node on sip:127.0.0.1:5060 (arguments go to `pydmq run`).
+# Install pydmq and run the main job: the 3-node demo cluster on 127.0.0.1 (arguments go to `pydmq demo`).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -8,4 +8,4 @@ export PIP_BREAK_SYSTEM_PACKAGES=1  # Debian 12's python3 is externally managed 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 python3 -m pip install --root-user-action=ignore -q -e .
-exec python3 -m pydmq run "$@"
+exec python3 -m pydmq demo "$@"
