@@ -15,6 +15,8 @@ from pydmq import __version__
 from pydmq.config import ConfigError, Settings, add_cli_arguments, settings_from_args
 from pydmq.dmq.nodelist import MembershipEvent
 from pydmq.dmq.runtime import DmqNode
+from pydmq.rpc import command as rpc_command
+from pydmq.rpc.server import start_rpc
 from pydmq.sip.transport import install_uvloop
 
 log = logging.getLogger("pydmq")
@@ -86,6 +88,12 @@ async def _serve(settings: Settings, duration: float | None, status_path: str | 
         # start() awaits nothing after the events it emits, so none is missed between the
         # first write and subscribing.
         node.events.subscribe(status.on_event)
+    try:
+        rpc = await start_rpc(node, settings.rpc)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start the JSON-RPC listener: %s", exc)
+        await node.stop(announce_timeout=0)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,10 +106,13 @@ async def _serve(settings: Settings, duration: float | None, status_path: str | 
     except TimeoutError:
         pass
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # The handlers stay until the node has stopped: a second signal during the shutdown
+        # announcement must not kill the process half-way.
+        await rpc.close()
         log.info("stopping: announcing status=disabled to %d peer(s)", len(node.nodes.remote()))
         await node.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
     return 0
 
 
@@ -160,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     demo.add_argument("--interval", type=float, default=2.0, help="seconds between broadcasts")
     demo.set_defaults(func=cmd_demo)
+
+    rpc = sub.add_parser(
+        "rpc",
+        help="call a JSON-RPC method of a running node (e.g. dmq.list_nodes)",
+        description="Call a JSON-RPC method of a running pydmq node (see docs/rpc.md).",
+    )
+    rpc_command.add_arguments(rpc)
+    rpc.set_defaults(func=rpc_command.run)
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     add_cli_arguments(check)

@@ -10,8 +10,8 @@ Sources, lowest to highest precedence (a later source replaces a key, it does no
    ``dmq.server_address``, which Kamailio leaves NULL and pydmq sets to ``sip:127.0.0.1:5060`` so
    that ``pydmq run`` works without a file);
 2. a TOML file (``-c/--config FILE``, else ``$PYDMQ_CONFIG``). Tables ``[dmq]`` (Kamailio's
-   modparam names, exactly), ``[tm]``, ``[sip]``, ``[rpc]``, ``[log]``. Unknown tables and keys
-   are errors, because a silently ignored typo is a misconfigured cluster;
+   modparam names, exactly), ``[tm]``, ``[sip]``, ``[rpc]``, ``[log]``, ``[usrloc]``, ``[htable]``.
+   Unknown   tables and keys are errors, because a silently ignored typo is a misconfigured cluster;
 3. environment variables ``PYDMQ_<TABLE>_<KEY>``, e.g. ``PYDMQ_DMQ_PING_INTERVAL=5``; lists are
    comma-separated. Only variables whose ``<TABLE>`` is a known table are read, and an unknown
    ``<KEY>`` there is an error; other ``PYDMQ_*`` variables (``PYDMQ_CONFIG``) are left alone;
@@ -48,14 +48,18 @@ from typing import Any, NamedTuple
 __all__ = [
     "ConfigError",
     "DmqSettings",
+    "HtableSettings",
+    "HtableSpec",
     "IPNetwork",
     "LogSettings",
     "RpcSettings",
     "Settings",
     "SipSettings",
     "TmSettings",
+    "UsrlocSettings",
     "add_cli_arguments",
     "load_settings",
+    "parse_htable_spec",
     "settings_from_args",
     "settings_from_mapping",
 ]
@@ -162,6 +166,143 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UsrlocSettings:
+    """``[usrloc]``: the replicated location table (dmq_usrloc's modparams, usrloc's
+    ``timer_interval`` and ``use_domain``, plus pydmq's sync flow control)."""
+
+    #: Run the location table and its ``usrloc`` channel (dmq_usrloc ``enable``).
+    enable: bool = False
+    #: Ask the other nodes for their contacts once joined (dmq_usrloc ``sync``).
+    sync: bool = True
+    #: The usrloc domain (table) replicated (dmq_usrloc ``usrloc_domain``).
+    usrloc_domain: str = "location"
+    #: Replicate local deletions as RM (dmq_usrloc ``usrloc_delete``).
+    usrloc_delete: bool = True
+    #: Send and read the ``sock`` key (dmq_usrloc ``replicate_socket_info``).
+    replicate_socket_info: bool = False
+    #: Contacts per sync message; above 1 sync answers use ``multi`` batches (max 150).
+    batch_msg_contacts: int = 1
+    #: Largest ``multi`` batch body in bytes (max 60000).
+    batch_msg_size: int = 60000
+    #: pydmq: sync messages one peer may have unanswered at once (Kamailio: batch_usleep).
+    sync_in_flight: int = 8
+    #: Seconds between two runs of the expiry timer (usrloc ``timer_interval``).
+    timer_interval: int = 60
+    #: AoRs are ``user@domain`` instead of ``user`` (usrloc ``use_domain``).
+    use_domain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HtableSpec:
+    """One table definition, parsed from Kamailio's ``htable`` modparam syntax.
+
+    ``name=>size=8;autoexpire=3600;dmqreplicate=1;initval=0;updateexpire=1`` (see
+    :func:`parse_htable_spec`). Database attributes (``dbtable``, ``dbmode``, ``cols``, ...)
+    are refused: pydmq has no database.
+    """
+
+    name: str
+    #: Kamailio's ``size``: the table has 2**size slots (clamped like Kamailio, see ``slots``).
+    size: int = 4
+    #: Seconds after the last update a cell expires; 0 = cells never expire.
+    autoexpire: int = 0
+    #: An update of a cell restarts its expiry (Kamailio default 1).
+    updateexpire: bool = True
+    #: Replicate changes over DMQ (needs ``[htable] enable_dmq``).
+    dmqreplicate: bool = False
+    #: Integer a missing cell starts from for increments (``initval``); None = not set.
+    initval: int | None = None
+
+    @property
+    def slots(self) -> int:
+        """Number of hash slots, as Kamailio computes it (only visible in dump/stats)."""
+        if self.size <= 1:
+            return 8
+        if self.size > 31:
+            return 1 << 14
+        return 1 << self.size
+
+
+_HTABLE_UNSIGNED = ("size", "autoexpire", "updateexpire", "dmqreplicate")
+_HTABLE_UNSUPPORTED = ("dbtable", "dbmode", "cols", "coldelim", "colnull", "reloadat")
+_HTABLE_INT_MAX = 2**31 - 1
+
+
+def parse_htable_spec(text: str) -> HtableSpec:
+    """Parse ``name=>attr=value;...`` (Kamailio's ``htable`` modparam); ValueError if invalid.
+
+    Attribute names are case-sensitive as in Kamailio; numbers are decimal; a trailing ``;``
+    is allowed; an unknown or repeated attribute is an error.
+    """
+    name, arrow, rest = text.strip().partition("=>")
+    name = name.strip()
+    if not arrow:
+        raise ValueError("must look like name=>size=8;autoexpire=0;dmqreplicate=1")
+    if not name or any(c.isspace() or c in "=;" for c in name):
+        raise ValueError(f"table name {name!r} must be non-empty, without spaces, '=' or ';'")
+    rest = rest.strip()
+    if rest.endswith(";"):
+        rest = rest[:-1]
+    values: dict[str, int] = {}
+    for item in rest.split(";") if rest else []:
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        if key in _HTABLE_UNSUPPORTED:
+            raise ValueError(f"attribute {key} is not supported: pydmq has no database")
+        if key not in (*_HTABLE_UNSIGNED, "initval"):
+            known = (*_HTABLE_UNSIGNED, "initval")
+            raise ValueError(
+                f"unknown attribute {key!r}{_suggest(key, known)}; allowed: {', '.join(known)}"
+            )
+        if key in values:
+            raise ValueError(f"attribute {key} is given twice")
+        pattern = r"-?[0-9]+" if key == "initval" else r"[0-9]+"
+        if not eq or not re.fullmatch(pattern, raw) or abs(int(raw)) > _HTABLE_INT_MAX:
+            kind = "an integer" if key == "initval" else "a non-negative integer"
+            raise ValueError(f"{key} = {raw!r} must be {kind} below 2**31")
+        values[key] = int(raw)
+    for flag in ("updateexpire", "dmqreplicate"):
+        if values.get(flag, 0) > 1:
+            raise ValueError(f"{flag} must be 0 or 1, not {values[flag]}")
+    return HtableSpec(
+        name=name,
+        size=values.get("size", 4),
+        autoexpire=values.get("autoexpire", 0),
+        updateexpire=bool(values.get("updateexpire", 1)),
+        dmqreplicate=bool(values.get("dmqreplicate", 0)),
+        initval=values.get("initval"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HtableSettings:
+    """``[htable]``: htable's modparams (``htable`` is ``tables`` here) plus sync flow control."""
+
+    #: Table definitions in Kamailio's syntax, e.g. ``"t=>size=8;autoexpire=0;dmqreplicate=1"``.
+    tables: tuple[str, ...] = ()
+    #: Register the ``htable`` DMQ channel and replicate tables with ``dmqreplicate=1``.
+    enable_dmq: bool = False
+    #: Ask the other nodes for their replicated tables once joined.
+    dmq_init_sync: bool = False
+    #: Seconds between two sweeps of expired cells (Kamailio's ``timer_interval``).
+    timer_interval: int = 20
+    #: pydmq: sync groups one peer may have unanswered at once.
+    sync_window: int = 4
+    #: pydmq: largest ``{"cells":[...]}`` body sent to a TCP/TLS node (Kamailio's default
+    #: ``tcp_rd_buf_size`` drops SIP messages above 16 KB received over TCP).
+    sync_group_bytes: int = 15000
+    #: pydmq: largest sync body sent to a UDP node (kept below the path MTU so datagrams are not
+    #: fragmented; Kamailio itself sends up to 60000).
+    sync_group_bytes_udp: int = 1300
+    #: pydmq: extra attempts of a sync group that timed out (408) or got 503.
+    sync_retries: int = 2
+
+    @property
+    def specs(self) -> tuple[HtableSpec, ...]:
+        """The parsed :attr:`tables`."""
+        return tuple(parse_htable_spec(t) for t in self.tables)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a pydmq process is configured with; build it with :func:`load_settings`."""
 
@@ -170,6 +311,8 @@ class Settings:
     sip: SipSettings = field(default_factory=SipSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    usrloc: UsrlocSettings = field(default_factory=UsrlocSettings)
+    htable: HtableSettings = field(default_factory=HtableSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain JSON-compatible ``{table: {key: value}}`` for ``check-config``; unset is None."""
@@ -492,6 +635,20 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _usrloc_domain(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", text):
+        raise _Invalid("must be a table name: letters, digits and _ (e.g. location)")
+    return text
+
+
+def _htable_table(text: str) -> str:
+    try:
+        parse_htable_spec(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text.strip()
+
+
 def _is_unspecified(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_unspecified
@@ -541,6 +698,28 @@ _FIELDS: dict[str, dict[str, _Field]] = {
     },
     "log": {
         "level": _str_field(_log_level, "a log level name"),
+    },
+    "usrloc": {
+        "enable": _BOOL,
+        "sync": _BOOL,
+        "usrloc_domain": _str_field(_usrloc_domain, "a usrloc table name"),
+        "usrloc_delete": _BOOL,
+        "replicate_socket_info": _BOOL,
+        "batch_msg_contacts": _int_field(1, 150),
+        "batch_msg_size": _int_field(1, 60000, " (bytes)"),
+        "sync_in_flight": _int_field(1, 1000),
+        "timer_interval": _int_field(1, 86400, " (seconds)"),
+        "use_domain": _BOOL,
+    },
+    "htable": {
+        "tables": _list_field(_htable_table, "a table definition like t=>size=8;dmqreplicate=1"),
+        "enable_dmq": _BOOL,
+        "dmq_init_sync": _BOOL,
+        "timer_interval": _int_field(1, 86400, " (seconds)"),
+        "sync_window": _int_field(1, 64),
+        "sync_group_bytes": _int_field(1024, 60000, " (bytes)"),
+        "sync_group_bytes_udp": _int_field(512, 60000, " (bytes)"),
+        "sync_retries": _int_field(0, 10),
     },
 }
 
@@ -641,6 +820,8 @@ class _Values:
             sip=SipSettings(**v["sip"]),
             rpc=RpcSettings(**v["rpc"]),
             log=LogSettings(**v["log"]),
+            usrloc=UsrlocSettings(**v["usrloc"]),
+            htable=HtableSettings(**v["htable"]),
         )
 
 
@@ -736,6 +917,29 @@ def _cross_check(s: Settings) -> list[str]:
             "sip.tls_verify_client = true without sip.tls_cafile: client certificates are"
             " checked against the system CA store"
         )
+    warnings += _htable_check(s.htable)
+    return warnings
+
+
+def _htable_check(h: HtableSettings) -> list[str]:
+    """Duplicate table names are an error (Kamailio refuses to start); DMQ knobs without DMQ
+    are warnings."""
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for spec in h.specs:
+        if spec.name in seen:
+            raise ConfigError(
+                f"htable.tables defines table {spec.name!r} twice (Kamailio: htable already"
+                " configured)"
+            )
+        seen.add(spec.name)
+        if spec.dmqreplicate and not h.enable_dmq:
+            warnings.append(
+                f"htable table {spec.name!r} has dmqreplicate=1 but htable.enable_dmq = 0:"
+                " it is not replicated"
+            )
+    if h.dmq_init_sync and not h.enable_dmq:
+        warnings.append("htable.dmq_init_sync = 1 has no effect with htable.enable_dmq = 0")
     return warnings
 
 

@@ -23,6 +23,7 @@ PACKAGES=(
     kamailio kamailio-json-modules kamailio-extra-modules kamailio-utils-modules
     kamailio-tls-modules  # tls.so: the DMQ-over-TLS tests
     sip-tester dnsmasq-base nftables iproute2 ca-certificates
+    curl  # tests/rpc: JSON-RPC over HTTP as operators call it
 )
 
 missing=()

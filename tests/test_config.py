@@ -19,6 +19,7 @@ from pydmq.config import (
     Settings,
     SipSettings,
     TmSettings,
+    UsrlocSettings,
     add_cli_arguments,
     load_settings,
     settings_from_args,
@@ -109,7 +110,7 @@ def test_settings_are_frozen():
 def test_to_dict_is_plain_json():
     d = Settings().to_dict()
     json.dumps(d)
-    assert set(d) == {"dmq", "tm", "sip", "rpc", "log"}
+    assert {"dmq", "tm", "sip", "rpc", "log", "usrloc"} <= set(d)
     assert d["dmq"]["allowed_sources"] == ["0.0.0.0/0", "::/0"]
     assert d["dmq"]["notification_address"] == []
     assert d["dmq"]["server_socket"] is None
@@ -432,6 +433,10 @@ BAD_VALUES = [
     ("rpc", "http_address", '"127.0.0.1:99999"', ["rpc.http_address", "host:port"]),
     ("rpc", "unix_socket", '"' + "x" * 200 + '"', ["rpc.unix_socket", "107 bytes"]),
     ("log", "level", '"LOUD"', ['log.level = "LOUD"', "DEBUG, INFO"]),
+    ("dmq", "dns_server", '"dns.example.com:53"', ["dmq.dns_server", "IP address"]),
+    ("dmq", "dns_server", '"::1"', ["dmq.dns_server", "IP[:port]", "brackets"]),
+    ("dmq", "dns_server", '"127.0.0.1:0"', ["dmq.dns_server", "from 1 to 65535"]),
+    ("dmq", "dns_server", "53", ["dmq.dns_server", "string"]),
 ]
 
 
@@ -567,6 +572,26 @@ def test_multi_notify_with_one_address_is_fine(tmp_path: Path):
     assert warnings == []  # no port is fine when SRV supplies it
 
 
+@pytest.mark.parametrize("text", ["127.0.0.1:5353", "10.0.0.53", "[::1]:5353", "[2001:db8::53]"])
+def test_dns_server_for_multi_notify(tmp_path: Path, text):
+    settings, warnings = load_toml(
+        tmp_path,
+        f'[dmq]\nmulti_notify = 1\nnotification_address = "sip:dmq.test"\ndns_server = "{text}"\n',
+    )
+    assert settings.dmq.dns_server == text
+    assert warnings == []
+    assert Settings().dmq.dns_server is None  # default: the system resolver
+
+
+def test_dns_server_without_multi_notify_warns(tmp_path: Path):
+    settings, warnings = load_toml(tmp_path, '[dmq]\ndns_server = "127.0.0.1:5353"\n')
+    assert settings.dmq.dns_server == "127.0.0.1:5353"
+    assert len(warnings) == 1
+    assert "dmq.dns_server" in warnings[0] and "multi_notify = 0" in warnings[0]
+    empty, _ = load_toml(tmp_path, '[dmq]\ndns_server = ""\n')
+    assert empty.dmq.dns_server is None
+
+
 def test_notification_address_without_port_warns(tmp_path: Path):
     _, warnings = load_toml(tmp_path, '[dmq]\nnotification_address = "sip:10.0.0.1"\n')
     assert len(warnings) == 1
@@ -620,3 +645,46 @@ def test_toml_syntax_error_names_the_line(tmp_path: Path):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"cannot read config file .*missing\.toml"):
         load_settings(str(tmp_path / "missing.toml"), {}, [])
+
+
+# ---- [usrloc] ------------------------------------------------------------------------------------
+
+
+def test_usrloc_table(tmp_path: Path):
+    u = Settings().usrloc
+    assert u == UsrlocSettings()
+    # dmq_usrloc's documented defaults (usrloc: timer_interval 60, use_domain 0)
+    assert (u.enable, u.sync, u.usrloc_domain, u.usrloc_delete) == (False, True, "location", True)
+    assert (u.batch_msg_contacts, u.batch_msg_size, u.replicate_socket_info) == (1, 60000, False)
+    assert (u.timer_interval, u.use_domain, u.sync_in_flight) == (60, False, 8)
+    settings, warnings = load_toml(
+        tmp_path,
+        "[usrloc]\nenable = true\nsync = 0\nbatch_msg_contacts = 150\nbatch_msg_size = 1000\n"
+        'usrloc_domain = "loc2"\nsync_in_flight = 2\ntimer_interval = 5\nuse_domain = 1\n'
+        "usrloc_delete = false\nreplicate_socket_info = true\n",
+        environ={"PYDMQ_USRLOC_BATCH_MSG_CONTACTS": "20"},
+    )
+    assert warnings == []
+    assert settings.usrloc == UsrlocSettings(
+        enable=True,
+        sync=False,
+        usrloc_domain="loc2",
+        usrloc_delete=False,
+        replicate_socket_info=True,
+        batch_msg_contacts=20,
+        batch_msg_size=1000,
+        sync_in_flight=2,
+        timer_interval=5,
+        use_domain=True,
+    )
+    assert settings.to_dict()["usrloc"]["batch_msg_contacts"] == 20
+    for bad, words in [
+        ("batch_msg_contacts = 151", ["usrloc.batch_msg_contacts", "1 to 150"]),
+        ("batch_msg_size = 60001", ["usrloc.batch_msg_size", "1 to 60000"]),
+        ("sync_in_flight = 0", ["usrloc.sync_in_flight"]),
+        ('usrloc_domain = "a b"', ["usrloc.usrloc_domain", "table name"]),
+        ("enable = 2", ["usrloc.enable", "boolean"]),
+        ("batch_size = 10", ["usrloc.batch_size", "[usrloc] accepts"]),
+    ]:
+        message = error_of(tmp_path, f"[usrloc]\n{bad}\n")
+        assert all(w in message for w in words), (bad, message)

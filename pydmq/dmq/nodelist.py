@@ -12,6 +12,12 @@ Deliberate deviations from Kamailio, each because Kamailio's behaviour is a bug 
   and 5.6.3 deadlocks).
 * No 5.8+ "same resolved IP" fallback when merging: it conflates several nodes on one IP with
   different ports (every single-host lab), so identity is only the primary rule.
+* A body line never revives a ``not_active`` node, except the sender's own line in a request it
+  sent (Kamailio 6.1 takes any ``active`` line). Bodies only list active nodes, so a peer that
+  has not noticed the failure yet would flip our ``not_active`` entry back to active on every
+  exchange: with two or more survivors a dead seed (or any node under ``remove_inactive = 0``)
+  would flap between the two statuses instead of staying ``not_active``. A 200 from the node
+  itself (spec 2.7) still revives it, as does its own request.
 * Nodes named in ``notification_address`` (matched by the configured string *or* by identity) are
   never deleted: the 6.1 "snapshot was disabled -> delete" step is skipped for them and they fall
   through to the rest of the 408 rules (not_active, or the fail-count thresholds).
@@ -224,13 +230,16 @@ class NodeList:
         max_lines: int = DEFAULT_MAX_LINES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         errors: list[LineError] | None = None,
+        sender: NodeRef | None = None,
     ) -> int:
         """Merge a received node list (spec 2.6, 6.1 rules); returns the new-or-changed count.
 
         Per line: unknown identity -> added with its status (even disabled); known, remote, the
         line has some URI parameter, a different status, and the stored status is not disabled
-        -> take the line's status; anything about ourselves -> ignored. Bad lines are appended to
-        ``errors`` (if given) and skipped; nothing here raises on bad input.
+        -> take the line's status, except that only ``sender``'s own line (the node whose request
+        carried the body) may turn a not_active node active again; anything about ourselves ->
+        ignored. Bad lines are appended to ``errors`` (if given) and skipped; nothing here raises
+        on bad input.
 
         Names already in the list reuse their stored address (Kamailio resolves once per node
         too), so only genuinely new names reach ``resolve``.
@@ -248,6 +257,9 @@ class NodeList:
         nodes, errs = parse_node_lines(body, lookup, max_lines=max_lines, max_bytes=max_bytes)
         if errors is not None:
             errors.extend(errs)
+        sender_key: NodeKey | None = None
+        with contextlib.suppress(NodeError):
+            sender_key = self._key_of(sender) if sender is not None else None
         changed = 0
         for line_node in nodes:
             key = line_node.key
@@ -260,6 +272,11 @@ class NodeList:
                 and line_node.uri.params
                 and line_node.status is not current.status
                 and current.status is not NodeStatus.DISABLED
+                and not (
+                    current.status is NodeStatus.NOT_ACTIVE
+                    and line_node.status is NodeStatus.ACTIVE
+                    and key != sender_key
+                )
             ):
                 self._set_status(current, line_node.status)
                 changed += 1

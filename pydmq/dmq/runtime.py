@@ -155,7 +155,8 @@ class DmqNode:
         self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
         self._ping_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[object]] = set()
-        self._state = "new"  # new -> running -> stopping -> stopped
+        self._state = "new"  # new -> starting -> running -> stopping -> stopped
+        self._start_done: asyncio.Future[None] | None = None
         self._last_warning: str | None = None
 
     def _build_membership(self, addresses: Sequence[str]) -> None:
@@ -185,6 +186,13 @@ class DmqNode:
         if self._state != "new":
             raise RuntimeError(f"DmqNode.start() on a node that is {self._state}")
         self._state = "starting"
+        self._start_done = asyncio.get_running_loop().create_future()
+        try:
+            await self._start()
+        finally:
+            self._start_done.set_result(None)
+
+    async def _start(self) -> None:
         d = self.settings.dmq
         try:
             await self.endpoint.start()
@@ -193,9 +201,7 @@ class DmqNode:
                 expanded = await expand_notification_address(
                     d.notification_address[0], resolver=resolver_for_server(d.dns_server)
                 )
-                log.info(
-                    "multi_notify: %s -> %s", d.notification_address[0], ", ".join(expanded)
-                )
+                log.info("multi_notify: %s -> %s", d.notification_address[0], ", ".join(expanded))
                 # The expansion stands in for the name: those nodes are the seeds (never
                 # deleted, used again when the list shrinks to ourselves). Kamailio would not
                 # protect them.
@@ -220,11 +226,10 @@ class DmqNode:
         pings time out. Either way, sends still in flight are abandoned: their response
         callbacks do not run and their futures are cancelled.
         """
-        if self._state not in ("running", "starting"):
-            self._state = "stopped"
-            return
-        if self._state == "starting":
-            announce = False  # nothing was announced yet, and the sockets may not be up
+        if self._state == "starting" and self._start_done is not None:
+            await asyncio.shield(self._start_done)  # a stop during start: let start finish
+        if self._state != "running":
+            return  # never started (a no-op), failed to start, or stopping/stopped already
         self._state = "stopping"
         if self._ping_handle is not None:
             self._ping_handle.cancel()

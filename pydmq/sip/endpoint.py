@@ -4,19 +4,47 @@ This is the only SIP module that knows about asyncio timers. Everything it decid
 to the sans-I/O pieces: ``parse_message`` reads bytes, ``TransactionLayer`` decides what to
 (re)send and when a transaction ends, ``TransportManager`` moves bytes. The datagram path stays
 synchronous: no task is created per packet.
+
+Receiving (RFC 3261 §8.2, §17.2, §18.2):
+
+* A request is parsed and validated. One that cannot be used but can be answered gets a stateless
+  ``400 <reason>`` (never to an ACK); one that cannot even be answered is dropped and counted.
+* The top Via is stamped (§18.2.1, RFC 3581): ``rport=<source port>;received=<source ip>`` when
+  the client asked for rport, else ``received=<source ip>`` when the sent-by host is not the
+  packet's source address.
+* The server transaction decides: a new request goes to the handler once; a retransmission gets
+  the last response again (or nothing while the handler has not answered); beyond
+  ``max_transactions`` live server transactions the request gets a stateless ``503``. A handler
+  that raises before answering produces a ``500``.
+* Responses go back per §18.2.2: over the connection the request came on (TCP/TLS); over UDP
+  from the socket the request arrived on, to the source ip and, with rport, the source port,
+  otherwise the sent-by port (5060 when absent).
+
+Sending (§8.1, §17.1, §18.1): ``send_request`` builds the request with a Via carrying the local
+listening address of the destination's transport and address family, and starts a client
+transaction. The final status arrives exactly once, through ``on_final`` and the returned
+future; a local timeout is ``(408, None)``. Send errors are handed to the transaction layer,
+which by default (Kamailio tm) keeps the timers running: the request still ends in a local 408 at
+``fr_timer``. A request that cannot even be started (destination not an IP literal, no listening
+socket for its transport and family, endpoint closed) raises at once and leaves no state.
+
+All transaction timers are served by a single loop ``TimerHandle`` armed at the earliest deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.message import (
     DEFAULT_LIMITS,
+    BadRequestError,
     Limits,
     Request,
     Response,
@@ -30,6 +58,7 @@ from pydmq.sip.message import (
     validate_response,
 )
 from pydmq.sip.transaction import (
+    Action,
     ClientFinal,
     SendBytes,
     ServerVerdict,
@@ -40,6 +69,14 @@ from pydmq.sip.transaction import (
 )
 from pydmq.sip.transport import Address, ListenSpec, TlsConfig, TransportManager
 
+__all__ = [
+    "EndpointStats",
+    "FinalCallback",
+    "IncomingRequest",
+    "RequestHandler",
+    "SipEndpoint",
+]
+
 log = logging.getLogger(__name__)
 
 #: What a request handler gets; it must answer through ``reply`` (or not at all).
@@ -48,25 +85,33 @@ RequestHandler = Callable[["IncomingRequest"], None]
 FinalCallback = Callable[[int, Response | None], None]
 
 _RELIABLE = frozenset({"tcp", "tls"})
+_PROTOCOLS = frozenset({"udp", "tcp", "tls"})
+#: Max-Forwards of an originated request whose caller did not write one (RFC 3261 §8.1.1.6).
+_DEFAULT_MAX_FORWARDS = 70
 
 
 @dataclass(slots=True)
 class EndpointStats:
     """Counters the DMQ layer exposes through RPC and metrics."""
 
-    received: int = 0
-    sent: int = 0
-    dropped_unparsable: int = 0
-    bad_requests: int = 0
-    stray_responses: int = 0
-    absorbed_retransmissions: int = 0
-    overloaded: int = 0
-    send_errors: int = 0
+    received: int = 0  # messages handed up by the transports
+    sent: int = 0  # messages handed down to the transports
+    dropped_unparsable: int = 0  # input that could not even be answered (dropped)
+    bad_requests: int = 0  # requests answered with a stateless 400
+    stray_responses: int = 0  # responses matching no client transaction
+    absorbed_retransmissions: int = 0  # request retransmissions before the answer
+    response_retransmissions: int = 0  # request retransmissions answered with the last response
+    overloaded: int = 0  # requests answered 503 because max_transactions was reached
+    handler_errors: int = 0  # handler exceptions (answered 500 when not answered yet)
+    send_errors: int = 0  # sends the transport could not do (or reported as failed)
 
 
 @dataclass(slots=True)
 class IncomingRequest:
-    """A request handed up once (retransmissions never reach the handler)."""
+    """A request handed up once (retransmissions never reach the handler).
+
+    ``source`` is where it came from, ``local`` the socket it arrived on (replies leave there).
+    """
 
     request: Request
     source: Address
@@ -84,13 +129,22 @@ class IncomingRequest:
         content_type: str | None = None,
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Answer through the server transaction (it also answers later retransmissions)."""
-        if self.replied and status >= 200:
-            log.warning("second final reply %d to %s ignored", status, self.request.method)
+        """Answer through the server transaction (it also answers later retransmissions).
+
+        A second final reply is ignored (RFC 3261 §17.2.2). A reply that cannot be built
+        (status out of range, CR/LF in a value) raises ``ValueError`` and counts as no reply.
+        """
+        if self.replied:
+            log.warning(
+                "reply %d to %s %s ignored: already answered",
+                status,
+                self.request.method,
+                self.request.uri,
+            )
             return
+        self._endpoint._reply(self, status, reason, body, content_type, extra_headers)
         if status >= 200:
             self.replied = True
-        self._endpoint._reply(self, status, reason, body, content_type, extra_headers)
 
 
 class SipEndpoint:
@@ -123,37 +177,61 @@ class SipEndpoint:
             on_send_error=self._on_send_error,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._finals: dict[str, FinalCallback] = {}
         self._futures: dict[str, asyncio.Future[tuple[int, Response | None]]] = {}
+        # Live client transactions by destination, so a transport error reaches them.
+        self._client_dest: dict[str, Address] = {}
+        self._by_dest: dict[Address, set[str]] = {}
         self._to_tag = new_tag()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("SipEndpoint is closed")
         self._loop = asyncio.get_running_loop()
         await self.transport.start(self.specs)
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for fut in self._futures.values():
-            if not fut.done():
-                fut.cancel()
+        """Close the sockets; transactions in flight are abandoned: their ``on_final`` does not
+        run and their futures are cancelled. No timer or task outlives this call."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timer()
+        futures = list(self._futures.values())
         self._futures.clear()
         self._finals.clear()
+        self._client_dest.clear()
+        self._by_dest.clear()
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
         await self.transport.close()
+        self._cancel_timer()  # nothing can re-arm it once closed, but be sure
 
-    def local_address(self, proto: str) -> Address:
-        return self.transport.local_address(proto)
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def local_address(self, proto: str, family: int | None = None) -> Address:
+        """The listening address of ``proto`` (optionally of an address family).
+
+        Raises ``LookupError`` when there is none.
+        """
+        return self.transport.local_address(proto, family)
 
     def now(self) -> float:
-        assert self._loop is not None, "endpoint not started"
+        if self._loop is None:
+            raise RuntimeError("SipEndpoint.start() has not been called")
         return self._loop.time()
 
     # -- receiving -------------------------------------------------------------------------
     def _on_message(self, data: bytes, source: Address, local: Address) -> None:
+        if self._closed:
+            return
         self.stats.received += 1
         try:
             msg = parse_message(data, self.limits)
@@ -172,59 +250,63 @@ class SipEndpoint:
     def _on_parse_error(
         self, data: bytes, exc: SipParseError, source: Address, local: Address
     ) -> None:
-        request = getattr(exc, "request", None)
-        if exc.answerable and isinstance(request, Request) and request.method != "ACK":
-            self.stats.bad_requests += 1
-            log.info("400 %s to %s:%d", exc.reason, source.host, source.port)
+        if isinstance(exc, BadRequestError) and exc.request.method != "ACK":
+            request = exc.request
             try:
-                self._send_stateless(request, source, local, 400, exc.reason)
-            except SipParseError:
-                self.stats.dropped_unparsable += 1
-            return
+                _stamp_via(request.via, source)
+                resp = self.build_response(request, 400, exc.reason).to_bytes()
+            except (SipParseError, ValueError):
+                pass
+            else:
+                self.stats.bad_requests += 1
+                log.info("400 %s to %s", exc.reason, source)
+                self._send(resp, _response_address(request.via, source), local)
+                return
         self.stats.dropped_unparsable += 1
-        log.debug("dropped unparsable %d bytes from %s: %s", len(data), source, exc.reason)
+        log.debug("dropped %d bytes from %s: %s", len(data), source, exc.reason)
 
     def _on_request(self, req: Request, source: Address, local: Address) -> None:
-        try:
-            top = req.via
-            key = server_key(req)
-        except SipParseError as exc:
-            self.stats.bad_requests += 1
-            self._send_stateless(req, source, local, 400, exc.reason)
-            return
-        if source.proto == "udp":
-            _stamp_via(top, source)
+        # validate_request has parsed the top Via and the CSeq: neither raises here.
+        top = req.via
+        key = server_key(req)
+        _stamp_via(top, source)
         if req.method == "ACK":
             return  # non-INVITE only: an ACK has nothing to acknowledge here
         verdict = self.layer.on_request(key, req.method, source.proto in _RELIABLE, self.now())
-        if verdict.kind is ServerVerdict.NEW:
+        kind = verdict.kind
+        if kind is ServerVerdict.NEW:
             incoming = IncomingRequest(req, source, local, self, key)
             try:
                 self.handler(incoming)
             except Exception:
+                self.stats.handler_errors += 1
                 log.exception("request handler failed for %s %s", req.method, req.uri)
-                if not incoming.replied:
-                    incoming.reply(500, "Server Internal Error")
-        elif verdict.kind is ServerVerdict.RETRANSMIT and verdict.data is not None:
-            self._send(verdict.data, _response_address(req, source))
-        elif verdict.kind is ServerVerdict.OVERLOADED:
+                if not incoming.replied and not self._closed:
+                    try:
+                        incoming.reply(500, "Server Internal Error")
+                    except Exception:
+                        log.exception("could not send the 500 for %s %s", req.method, req.uri)
+            self._rearm()  # the new server transaction's timer (unless the reply re-armed)
+        elif kind is ServerVerdict.RETRANSMISSION:
+            self.stats.response_retransmissions += 1
+            if verdict.data is not None:
+                self._send(verdict.data, _response_address(top, source), local)
+        elif kind is ServerVerdict.OVERLOADED:
             self.stats.overloaded += 1
-            self._send_stateless(req, source, local, 503, "Service Unavailable")
+            resp = self.build_response(req, 503, "Service Unavailable")
+            self._send(resp.to_bytes(), _response_address(top, source), local)
         else:
             self.stats.absorbed_retransmissions += 1
-        self._rearm()
 
     def _on_response(self, resp: Response) -> None:
-        try:
-            branch = resp.via.branch or ""
-            method = resp.cseq.method
-        except SipParseError:
+        # validate_response has parsed the top Via and the CSeq.
+        branch = resp.via.branch or ""
+        method = resp.cseq.method
+        if not self.layer.match_client(branch, method):
             self.stats.stray_responses += 1
+            log.debug("stray response %d %s (branch %r)", resp.status, method, branch)
             return
-        actions = self.layer.on_response(branch, method, resp.status, resp, self.now())
-        if not actions and resp.status >= 200 and branch not in self._finals:
-            self.stats.stray_responses += 1
-        self._apply(actions)
+        self._apply(self.layer.on_response(branch, method, resp.status, resp, self.now()))
 
     # -- replying --------------------------------------------------------------------------
     def _reply(
@@ -236,12 +318,15 @@ class SipEndpoint:
         content_type: str | None,
         extra_headers: Sequence[tuple[str, str]],
     ) -> None:
+        if self._closed:
+            log.debug("reply %d to %s dropped: endpoint closed", status, incoming.request.method)
+            return
         resp = self.build_response(
             incoming.request, status, reason, body, content_type, extra_headers
         )
         data = resp.to_bytes()
         actions = self.layer.on_server_response(incoming._key, status, data, self.now())
-        self._send(data, _response_address(incoming.request, incoming.source))
+        self._send(data, _response_address(incoming.request.via, incoming.source), incoming.local)
         self._apply(actions)
 
     def build_response(
@@ -253,6 +338,7 @@ class SipEndpoint:
         content_type: str | None = None,
         extra_headers: Iterable[tuple[str, str]] = (),
     ) -> Response:
+        """A response to ``request`` (RFC 3261 §8.2.6) in the layout of Kamailio's sl replies."""
         headers = [("Server", self.user_agent), *extra_headers]
         tag = None if status == 100 else self._to_tag
         return make_response(
@@ -264,13 +350,6 @@ class SipEndpoint:
             body=body,
             content_type=content_type,
         )
-
-    def _send_stateless(
-        self, req: Request, source: Address, local: Address, status: int, reason: str
-    ) -> None:
-        """Reply without a transaction (bad requests, overload): nothing is kept."""
-        resp = self.build_response(req, status, reason)
-        self._send(resp.to_bytes(), _response_address(req, source))
 
     # -- sending requests ------------------------------------------------------------------
     def send_request(
@@ -287,47 +366,70 @@ class SipEndpoint:
     ) -> asyncio.Future[tuple[int, Response | None]]:
         """Originate a non-INVITE request; its final status arrives once, by callback and future.
 
-        A local 408 (fr_timer, or an unusable destination) is reported as ``(408, None)``.
+        A local 408 (fr_timer, also after a send error) is reported as ``(408, None)``. Raises
+        (and keeps no state, runs no callback) when the request cannot be started:
+        ``RuntimeError`` if the endpoint is not started or closed, ``ValueError`` for a
+        destination that is not ``udp|tcp|tls`` to an IP literal, ``LookupError`` when there
+        is no listening socket of the destination's transport and address family.
         """
-        local = self.local_address(dest.proto)
+        if self._loop is None:
+            raise RuntimeError("SipEndpoint.start() has not been called")
+        if self._closed:
+            raise RuntimeError("SipEndpoint is closed")
+        if dest.proto not in _PROTOCOLS:
+            raise ValueError(f"unknown transport protocol {dest.proto!r}")
+        canonical = _canonical_ip(dest.host)
+        if canonical is None:
+            raise ValueError(f"destination host {dest.host!r} is not an IP address")
+        if canonical != dest.host:
+            dest = Address(dest.proto, canonical, dest.port)
+        family = socket.AF_INET6 if ":" in canonical else socket.AF_INET
+        local = self.local_address(dest.proto, family)
         branch = new_branch()
-        via = f"SIP/2.0/{dest.proto.upper()} {local.sip_hostport()};branch={branch}"
+        while branch in self._client_dest:  # pragma: no cover - 64 random bits
+            branch = new_branch()
+        extra = [("User-Agent", self.user_agent), *headers]
+        if not any(name.lower() == "max-forwards" for name, _ in headers):
+            extra.insert(0, ("Max-Forwards", str(_DEFAULT_MAX_FORWARDS)))
         req = Request.build(
             method,
             ruri,
-            via=via,
+            via=f"SIP/2.0/{dest.proto.upper()} {local.sip_hostport()};branch={branch}",
             from_=f"<{from_uri}>;tag={new_tag()}",
             to=f"<{to_uri or ruri}>",
             call_id=new_call_id(local.host),
             cseq=10,
             max_forwards=None,
-            headers=[("User-Agent", self.user_agent), *headers],
+            headers=extra,
             body=body,
         )
         data = req.to_bytes()
-        assert self._loop is not None, "endpoint not started"
+        actions = self.layer.start_client(
+            branch, method, data, dest.proto in _RELIABLE, self.now(), dest=(dest, local)
+        )
         fut: asyncio.Future[tuple[int, Response | None]] = self._loop.create_future()
         self._futures[branch] = fut
         if on_final is not None:
             self._finals[branch] = on_final
-        actions = self.layer.start_client(
-            branch, method, data, dest.proto in _RELIABLE, self.now(), dest=dest
-        )
+        self._client_dest[branch] = dest
+        self._by_dest.setdefault(dest, set()).add(branch)
         self._apply(actions)
         return fut
 
     # -- sans-I/O actions ------------------------------------------------------------------
-    def _apply(self, actions: Iterable[object]) -> None:
-        for action in actions:
-            if isinstance(action, SendBytes):
-                dest = action.dest
-                if isinstance(dest, Address):
-                    self._send(action.data, dest)
-            elif isinstance(action, ClientFinal):
-                self._deliver_final(action.branch, action.status, action.response)
-            elif isinstance(action, Terminated):
-                pass
-        self._rearm()
+    def _apply(self, actions: Iterable[Action]) -> None:
+        try:
+            for action in actions:
+                if isinstance(action, SendBytes):
+                    route = action.dest
+                    if isinstance(route, tuple):
+                        self._send(action.data, route[0], route[1])
+                elif isinstance(action, ClientFinal):
+                    self._deliver_final(action.branch, action.status, action.response)
+                elif isinstance(action, Terminated) and not action.server:
+                    self._forget_client(action.key)
+        finally:
+            self._rearm()
 
     def _deliver_final(self, branch: str, status: int, response: object) -> None:
         resp = response if isinstance(response, Response) else None
@@ -341,66 +443,115 @@ class SipEndpoint:
         if fut is not None and not fut.done():
             fut.set_result((status, resp))
 
-    def _send(self, data: bytes, dest: Address | None) -> None:
-        if dest is None:
-            return
+    def _forget_client(self, branch: str) -> None:
+        dest = self._client_dest.pop(branch, None)
+        if dest is not None:
+            branches = self._by_dest.get(dest)
+            if branches is not None:
+                branches.discard(branch)
+                if not branches:
+                    del self._by_dest[dest]
+
+    def _send(self, data: bytes, dest: Address, local: Address | None = None) -> None:
         self.stats.sent += 1
         try:
-            self.transport.send(data, dest)
-        except OSError as exc:
-            self._on_send_error(dest, exc)
+            self.transport.send(data, dest, local=local if dest.proto == "udp" else None)
+        except (OSError, ValueError) as exc:  # the transport reports network trouble itself
+            self.stats.send_errors += 1
+            log.warning("cannot send to %s: %s", dest, exc)
 
     def _on_send_error(self, dest: Address, exc: Exception) -> None:
+        """The transport dropped bytes for ``dest``: tell its client transactions (Kamailio tm
+        keeps their timers, so they still end in a local 408 at fr_timer)."""
         self.stats.send_errors += 1
         log.debug("send to %s failed: %s", dest, exc)
-
-    def _rearm(self) -> None:
-        deadline = self.layer.next_deadline()
-        if deadline is None or self._loop is None:
+        if self._closed:
             return
-        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline:
+        branches = self._by_dest.get(dest)
+        if not branches:
+            return
+        now = self.now()
+        actions: list[Action] = []
+        for branch in list(branches):
+            actions.extend(self.layer.on_transport_error(branch, now))
+        self._apply(actions)
+
+    # -- the one timer ---------------------------------------------------------------------
+    def _rearm(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        deadline = self.layer.next_deadline()
+        if deadline is None:
+            return  # a pending handle fires once more, finds nothing due and is not re-armed
+        timer_at = self._timer_at
+        if self._timer is not None and timer_at is not None and timer_at <= deadline:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline
         self._timer = self._loop.call_at(deadline, self._on_timer)
 
-    def _on_timer(self) -> None:
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
         self._timer_at = None
-        self._apply(self.layer.on_timer(self.now()))
+
+    def _on_timer(self) -> None:
+        at = self._timer_at
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        # The loop may run a handle a hair before its time (clock resolution, uvloop's
+        # millisecond timers): what it ran for is due.
+        now = self.now()
+        if at is not None and now < at:
+            now = at
+        self._apply(self.layer.on_timer(now))
 
 
-def _is_ip(host: str) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _canonical_ip(host: str) -> str | None:
+    """``host`` (brackets allowed) as the transport writes IPs, or None if it is not an IP."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(text).compressed
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _set_param(via: Via, name: str, value: str) -> None:
+    """Set a Via parameter, replacing it in place whatever case it was written in."""
+    params = via.params
+    for key in params:
+        if key.lower() == name:
+            params[key] = value
+            return
+    params[name] = value
 
 
 def _stamp_via(via: Via, source: Address) -> None:
-    """RFC 3261 §18.2.1 and RFC 3581: record where a request really came from."""
+    """RFC 3261 §18.2.1 and RFC 3581: record in the top Via where a request really came from.
+
+    With rport: ``rport=<source port>`` in place and ``received=<source ip>`` (always, RFC 3581
+    §4). Without: ``received`` only when the sent-by host is not the source address.
+    """
     if via.rport is not None:
-        via.params["rport"] = str(source.port)
-        via.params["received"] = source.host
-    elif via.host.strip("[]") != source.host:
-        via.params["received"] = source.host
+        _set_param(via, "rport", str(source.port))
+        _set_param(via, "received", source.host)
+    elif via.host != source.host and _canonical_ip(via.host) != source.host:
+        _set_param(via, "received", source.host)
 
 
-def _response_address(req: Request, source: Address) -> Address | None:
-    """RFC 3261 §18.2.2: where a response to ``req`` goes."""
-    if source.proto in _RELIABLE:
-        return source  # back over the connection the request came on
-    try:
-        via = req.via
-    except SipParseError:
+def _response_address(via: Via, source: Address) -> Address:
+    """RFC 3261 §18.2.2 and RFC 3581 §4: where a response to a request from ``source`` goes.
+
+    TCP/TLS: back to the source (the connection the request came on). UDP: to the source ip
+    (what ``received`` holds when it is set, and the sent-by host otherwise); to the source
+    port with rport, else to the sent-by port (5060 when absent).
+    """
+    if source.proto != "udp" or via.rport is not None:
         return source
-    received = via.received or None
-    rport = via.rport
-    if rport:
-        return Address(source.proto, received or source.host, int(rport))
-    host = received or via.host.strip("[]")
-    if not _is_ip(host):
-        host = source.host  # no resolver on the hot path; the source is what we know
-    return Address(source.proto, host, via.port or 5060)
+    port = via.port or 5060
+    return source if port == source.port else Address("udp", source.host, port)

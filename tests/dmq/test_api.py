@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -62,14 +63,14 @@ class Replies:
 
 
 async def _joined(
-    cluster: Cluster, count: int, channel: str = "chan", **options: object
+    cluster: Cluster, count: int, channel: str = "chan", **options: Any
 ) -> tuple[list[DmqNode], list[Inbox], list[DmqApi]]:
     """``count`` nodes (the first is the seed), each with ``channel`` registered, all joined."""
     nodes: list[DmqNode] = []
     inboxes: list[Inbox] = []
     apis: list[DmqApi] = []
     for i in range(count):
-        node = cluster.create(seeds=nodes[:1], **options)  # type: ignore[arg-type]
+        node = cluster.create(seeds=nodes[:1], **options)
         inbox = Inbox()
         api = load_api(node)
         api.register_peer(channel, f"test channel on node {i}", inbox)
@@ -123,7 +124,7 @@ async def test_bcast_honours_except_node_and_skips_inactive(cluster: Cluster) ->
 
 async def test_send_message_to_one_node(cluster: Cluster) -> None:
     nodes, inboxes, apis = await _joined(cluster, 3, ping_interval=60)
-    a, b, c = nodes
+    c = nodes[2]
     replies = Replies()
     target = apis[0].find_node(uri_of(c))
     assert target is not None
@@ -175,9 +176,7 @@ async def test_reply_codes_reasons_and_bodies_reach_the_sender(cluster: Cluster)
 
     async def send(channel: str) -> tuple[list[tuple[int, str | None, object]], Delivery]:
         replies = Replies()
-        [delivery] = await asyncio.wait_for(
-            api_b.send_message(channel, b"x", target, replies), 3
-        )
+        [delivery] = await asyncio.wait_for(api_b.send_message(channel, b"x", target, replies), 3)
         return replies.calls, delivery
 
     calls, d = await send("fails")
@@ -261,7 +260,7 @@ async def test_handle_versus_process_paths(cluster: Cluster) -> None:
 
     seen: list[tuple[str, str | None, int]] = []
 
-    def record(path: str) -> object:
+    def record(path: str) -> Callable[[Request, Node | None], PeerResponse]:
         def cb(request: Request, node: Node | None) -> PeerResponse:
             task = asyncio.current_task()
             seen.append((path, task.get_name() if task else None, len(returned)))
@@ -275,8 +274,8 @@ async def test_handle_versus_process_paths(cluster: Cluster) -> None:
 
     a = cluster.create(route=route, ping_interval=60)
     api_a = load_api(a)
-    api_a.register_peer("handle", "queued", record("handle"))  # type: ignore[arg-type]
-    api_a.register_peer("process", "inline", record("process"))  # type: ignore[arg-type]
+    api_a.register_peer("handle", "queued", record("handle"))
+    api_a.register_peer("process", "inline", record("process"))
     api_a.register_peer("aprocess", "inline, async", async_cb)
     await a.start()
     b = await cluster.start(seeds=[a], ping_interval=60)
@@ -387,9 +386,7 @@ async def test_consumer_timeout_moves_active_node_only_to_not_active(
     assert a.nodes.find(key_of(b)).fail_count == 1
     assert await apis[0].bcast_message("chan", b"y") == []  # no longer a broadcast target
     for _ in range(2):  # unicast still reaches for it; consumer timeouts count only while active
-        [d] = await asyncio.wait_for(
-            apis[0].send_message("chan", b"z", a.nodes.find(key_of(b))), 3
-        )
+        [d] = await asyncio.wait_for(apis[0].send_message("chan", b"z", a.nodes.find(key_of(b))), 3)
         assert d.status == 408
     assert node_status(a, b) is NodeStatus.NOT_ACTIVE
     assert a.nodes.find(key_of(b)).fail_count == 1

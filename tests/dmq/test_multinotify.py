@@ -13,6 +13,7 @@ from pydmq.dmq.multinotify import (
     expand_notification_address,
     resolve_host,
     resolve_host_async,
+    resolver_for_server,
 )
 from tests.support.dns import (
     DnsmasqServer,
@@ -82,6 +83,37 @@ async def test_srv_targets_then_own_addresses(resolver):
             {"sip:10.0.0.100"},  # the name's own A, with the URI's (absent) port
         ],
     )
+
+
+async def test_resolver_for_server_asks_that_server(dns_server):
+    """``dmq.dns_server`` as the runtime uses it: only that server, not /etc/resolv.conf."""
+    resolver = resolver_for_server(f"{dns_server.host}:{dns_server.port}")
+    got = await expand_notification_address("sip:_sip._udp.dmq.test", resolver=resolver)
+    assert "sip:10.0.0.2:5070" in got and "sip:10.0.0.1:5060" in got
+
+
+@pytest.mark.parametrize(
+    ("text", "address", "port"),
+    [
+        ("127.0.0.1:5353", "127.0.0.1", 5353),
+        ("10.0.0.53", "10.0.0.53", 53),
+        ("[::1]:5353", "::1", 5353),
+        ("[2001:db8::53]", "2001:db8::53", 53),
+        ("::1", "::1", 53),
+    ],
+)
+def test_resolver_for_server_parses_ip_and_port(text, address, port):
+    resolver = resolver_for_server(text)
+    assert resolver is not None
+    [server] = resolver.nameservers
+    assert (server.address, server.port) == (address, port)  # type: ignore[union-attr]
+    assert resolver_for_server(None) is None  # None: the caller uses the system resolver
+
+
+@pytest.mark.parametrize("text", ["dns.test:53", "127.0.0.1:x", "127.0.0.1:0", "[::1]x", ""])
+def test_resolver_for_server_rejects_bad_text(text):
+    with pytest.raises(ValueError):
+        resolver_for_server(text)
 
 
 async def test_srv_port_filter_and_params(resolver):

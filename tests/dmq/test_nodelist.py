@@ -6,7 +6,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pydmq.dmq.node import LineError, NodeError, NodeKey, NodeStatus, build_local_node, build_node
+from pydmq.dmq.node import (
+    LineError,
+    NodeError,
+    NodeKey,
+    NodeStatus,
+    build_local_node,
+    build_node,
+    node_key,
+)
 from pydmq.dmq.nodelist import MembershipEvent, MembershipPolicy, NodeList, RpcFault
 
 A, D, N = NodeStatus.ACTIVE, NodeStatus.DISABLED, NodeStatus.NOT_ACTIVE
@@ -142,14 +150,15 @@ MERGE_TABLE = [
     (A, "sip:10.0.0.2:5060;status=disabled", 1, D),
     (A, "sip:10.0.0.2:5060;status=not_active", 1, N),
     (A, "sip:10.0.0.2:5060;status=timeout", 1, N),
-    (N, "sip:10.0.0.2:5060;status=active", 1, A),
+    (N, "sip:10.0.0.2:5060;status=active", 0, N),  # pydmq: hearsay never revives not_active
     (N, "sip:10.0.0.2:5060;status=disabled", 1, D),
     (N, "sip:10.0.0.2:5060;status=not_active", 0, N),
     (D, "sip:10.0.0.2:5060;status=active", 0, D),  # 5.6.3/6.1: a body never revives
     (D, "sip:10.0.0.2:5060;status=not_active", 0, D),
     (N, "sip:10.0.0.2:5060", 0, N),  # no URI parameter at all: no change
-    (N, "sip:10.0.0.2:5060;foo=bar", 1, A),  # some parameter: default status applies
-    (N, "sip:user@10.0.0.2:5060;status=active", 1, A),  # user part is not identity
+    (A, "sip:10.0.0.2:5060;foo=bar;status=disabled", 1, D),  # some parameter: status applies
+    (N, "sip:10.0.0.2:5060;foo=bar", 0, N),  # default status active: not a revival either
+    (A, "sip:user@10.0.0.2:5060;status=disabled", 1, D),  # user part is not identity
 ]
 
 
@@ -167,6 +176,27 @@ def test_merge_rules(stored: NodeStatus | None, line: str, count: int, after: No
         assert fresh.merge(body) == count, body
         assert status(fresh, PEER) is after
         assert len(fresh) == 2
+
+
+def test_merge_not_active_revived_only_by_the_senders_own_line() -> None:
+    """Bodies list only active nodes, so a peer that has not noticed a failure yet still says
+    active; only the node itself (its own request) brings a not_active entry back."""
+    other = "sip:10.0.0.3:5060"
+    nl = make()
+    nl.add(build_node(PEER))
+    nl.add(build_node(other))
+    nl.set_status(PEER, N)
+    body = f"{PEER};status=active\r\n{other};status=active\r\n"
+    assert nl.merge(body, sender=other) == 0
+    assert status(nl, PEER) is N
+    assert nl.merge(body, sender=node_key(PEER)) == 1
+    assert status(nl, PEER) is A
+    nl.set_status(PEER, N)
+    assert nl.merge(body, sender="sip:notification_peer@10.0.0.2:5060") == 1  # a From URI
+    assert status(nl, PEER) is A
+    nl.set_status(PEER, N)
+    assert nl.merge(body, sender="not a uri") == 0  # an unparsable sender is nobody
+    assert status(nl, PEER) is N
 
 
 @pytest.mark.parametrize(

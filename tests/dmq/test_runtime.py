@@ -8,8 +8,12 @@ are for counters that no event announces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -27,7 +31,7 @@ from tests.support.cluster import (
     wait_for_condition,
     wait_joined,
 )
-from tests.support.net import build_request, free_port, parse_reply, tcp_request, udp_request
+from tests.support.net import build_request, free_port, tcp_request, udp_request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -130,8 +134,8 @@ async def test_init_callbacks_run_once_per_node(cluster: Cluster) -> None:
     ran: dict[str, int] = {}
     events: dict[str, asyncio.Event] = {}
 
-    def build(**kw: object) -> DmqNode:
-        node = cluster.create(**kw)  # type: ignore[arg-type]
+    def build(**kw: Any) -> DmqNode:
+        node = cluster.create(**kw)
         name = uri_of(node)
         ran[name] = 0
         events[name] = asyncio.Event()
@@ -154,14 +158,19 @@ async def test_init_callbacks_run_once_per_node(cluster: Cluster) -> None:
     for name, event in events.items():
         await asyncio.wait_for(event.wait(), 2)
         assert ran[name] == 1, name
-    # more exchanges (two ping rounds everywhere, a re-join request) change nothing
+    # more exchanges change nothing: two ping rounds everywhere (requests and 200 replies),
+    # then a fourth node whose join makes c re-broadcast to a and b
     for _ in range(2):
         for node in (a, b, c):
             results = await asyncio.gather(*node.ping_now())
             assert [status for status, _ in results] == [200, 200]
-    await asyncio.gather(*[a.ping_now()[0], b.ping_now()[0]])
-    await asyncio.sleep(0)  # init callbacks run in tasks: give any stray one its chance
+    d = build(seeds=[c], ping_interval=60)
+    await d.start()
+    await wait_joined([a, b, c, d])
+    await asyncio.wait_for(events[uri_of(d)].wait(), 2)
+    await asyncio.sleep(0)  # init callbacks run in tasks: give any stray one its turn
     assert ran == dict.fromkeys(ran, 1)
+    assert len(ran) == 4
 
 
 # ----------------------------------------------------------------------------- membership
@@ -395,8 +404,6 @@ async def test_oversize_datagram_is_dropped_and_counted(cluster: Cluster) -> Non
 
 
 def _send_datagram(port: int, data: bytes) -> None:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.sendto(data, ("127.0.0.1", port))
 
@@ -424,10 +431,8 @@ async def test_one_megabyte_over_tcp_closes_the_connection(cluster: Cluster) -> 
             pass  # reset: the node closed with our bytes unread
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-        except ConnectionError:
-            pass
     assert not received.startswith(b"SIP/2.0")  # no reply, just a closed connection
     assert len(a.nodes) == 1
     assert a.stats.snapshot()["parse_errors_dropped"] >= 1
@@ -491,8 +496,6 @@ async def test_stats_snapshot(cluster: Cluster) -> None:
     assert snap_b["retransmissions"] > 0  # the dead node's request was resent every t1..t2
     assert snap_a["queue_depth"] == {"total": 0, "per_worker": [0, 0, 0]}
     assert snap_a["rejected"] == {"403": 0, "503": 0}
-    import json
-
     json.dumps(snap_a)  # monitoring can ship it as is
 
 
@@ -515,6 +518,28 @@ async def test_rejoin_after_losing_every_peer(cluster: Cluster) -> None:
     assert len(b.nodes) == 1
     [(status, _)] = await asyncio.gather(*b.ping_now())
     assert status == 200
-    await wait_for_condition([b], lambda: node_status(b, a) is NodeStatus.ACTIVE, timeout=2,
-                             what="rejoin")
+    await wait_for_condition(
+        [b], lambda: node_status(b, a) is NodeStatus.ACTIVE, timeout=2, what="rejoin"
+    )
     assert _remote_keys(b) == {key_of(a)}
+
+
+async def test_stop_during_start_waits_for_it(cluster: Cluster) -> None:
+    a = cluster.create()
+    starting = asyncio.create_task(a.start())
+    await asyncio.sleep(0)  # start() is now inside, binding its socket
+    await a.stop(announce=False)
+    await starting
+    assert not a.running
+    with pytest.raises(RuntimeError):
+        await a.start()
+
+
+async def test_failed_start_releases_the_port(cluster: Cluster) -> None:
+    a = await cluster.start(ping_interval=60)
+    clash = cluster.create(port=a.local.port)  # same UDP port: bind fails
+    with pytest.raises(OSError):
+        await clash.start()
+    assert not clash.running
+    await clash.stop()  # harmless
+    assert await _options(a.local.port) == 200

@@ -18,7 +18,7 @@ Needs the Debian packages kamailio and kamailio-tls-modules; fails (never skips)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -54,13 +54,13 @@ def _suffix(transport: str) -> str:
 
 
 async def _reply(
-    k: KamailioNode, what: str, match: object, *, timeout: float = 10.0
+    k: KamailioNode, what: str, match: Callable[[LoggedReply], object], *, timeout: float = 10.0
 ) -> LoggedReply:
     """The first reply Kamailio logged for which ``match(reply)`` is true."""
 
     def find() -> LoggedReply | None:
         for reply in logged_replies(k):
-            if match(reply):  # type: ignore[operator]
+            if match(reply):
                 return reply
         return None
 
@@ -72,7 +72,9 @@ async def _reply(
     )
 
 
-async def _script_send(k: KamailioNode, user: str, headers: list[tuple[str, str]], body: str) -> str:
+async def _script_send(
+    k: KamailioNode, user: str, headers: list[tuple[str, str]], body: str
+) -> str:
     """Make Kamailio's script run dmq_send_message/dmq_bcast_message; returns its reply reason."""
     uri = f"sip:{user}@{k.host}:{k.port}"
 
@@ -132,8 +134,21 @@ async def test_requests_and_replies_both_ways(cluster: Cluster, transport: str) 
     lines = join.body.decode().split("\r\n")
     assert lines[-1] == ""  # every line, the last one included, ends in CRLF
     assert sorted(lines[:-1]) == sorted([k_line, py_line])
-    # pydmq learnt Kamailio from the request body
+    # pydmq learnt Kamailio from the request body ...
     assert py.status_of(k.uri) == "active"
+    # ... and, since that was news and Max-Forwards was 2, re-broadcast its list with MF 1
+    # (to the sender too); Kamailio took the request as coming from the node pydmq advertises.
+    fanout = (
+        await poll(
+            lambda: k.received("kdmq", "notification_peer"),
+            timeout=5,
+            what="pydmq's re-broadcast to reach Kamailio",
+        )
+    )[0]
+    assert fanout.proto == transport
+    assert fanout.from_uri == f"sip:notification_peer@127.0.0.1:{py.port}{suffix}"
+    assert (fanout.max_forwards, fanout.content_type) == ("1", "text/plain")
+    assert fanout.body == join.body
 
     # -- pydmq -> Kamailio: KDMQ on a channel Kamailio does not know ------------------------
     k_node = py.api.find_node(k.uri)
@@ -143,7 +158,7 @@ async def test_requests_and_replies_both_ways(cluster: Cluster, transport: str) 
     assert delivery.response is not None
     assert delivery.response.reason == "User Not Found"
     assert (delivery.response.get("Server") or "").startswith("kamailio (5.6")
-    (seen,) = k.received("kdmq", "nochannel")
+    seen = k.received("kdmq", "nochannel")[0]
     assert seen.proto == transport
     assert seen.from_uri == f"sip:nochannel@127.0.0.1:{py.port}{suffix}"
     assert (seen.max_forwards, seen.content_type, seen.body) == ("1", "text/plain", b"hello\r\n")
@@ -173,13 +188,15 @@ async def test_requests_and_replies_both_ways(cluster: Cluster, transport: str) 
         k, "dmqsend", [("X-Channel", "pyapp"), ("X-Node", py.uri)], f"over {transport}\r\n"
     )
     assert reason == "rc 1"
-    request = await app.get()
+    request = await asyncio.wait_for(app.get(), 10)
     assert request.body == f"over {transport}\r\n".encode()
     assert request.max_forwards == 1
     assert request.content_type == "text/plain"
     assert str(request.from_.uri) == f"sip:pyapp@127.0.0.1:{k.sip_port}{suffix}"
     assert py.node.sender_node(request) is not None  # identified by its From URI
-    answer = await _reply(k, "pydmq's 200 to the script's KDMQ", lambda r: r.call_id == request.call_id)
+    answer = await _reply(
+        k, "pydmq's 200 to the script's KDMQ", lambda r: r.call_id == request.call_id
+    )
     # a reply to a script-level send must carry no body: Kamailio parses any 200 body as a list
     assert (answer.code, answer.reason, answer.proto) == (200, "OK", transport)
     assert (answer.content_length, answer.body) == ("0", b"")

@@ -55,7 +55,10 @@ class SrvRecord:
 
 
 def dnsmasq_path() -> str | None:
-    """The dnsmasq binary, or None when it is not installed (the tests then fail: scripts/test.sh installs it)."""
+    """The dnsmasq binary, or None when it is not installed.
+
+    The tests then fail: scripts/test.sh installs it.
+    """
     if Path(DNSMASQ).is_file():
         return DNSMASQ
     return shutil.which("dnsmasq")

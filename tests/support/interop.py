@@ -46,15 +46,18 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Transport = Literal["udp", "tcp", "tls"]
 
 #: Goes into ``extra_modules``: log every SIP reply Kamailio receives (replies to its own DMQ
 #: requests and to ``tm.t_uac_start`` included; the core runs ``reply_route`` before tm).
-REPLY_LOG_ROUTE = r"""
-reply_route {
-	xlog("L_NOTICE", "PYDMQ-REPLY code=$rs reason=$(rr{s.encode.base64}) cseq=$(hdr(CSeq){s.encode.base64}) callid=$(ci{s.encode.base64}) src=$si:$sp proto=$pr server=$(hdr(Server){s.encode.base64}) ct=$(cT{s.encode.base64}) clen=$(hdr(Content-Length){s.encode.base64}) body=$(rb{s.encode.base64}) PYDMQ-END\n");
-}
-"""
+REPLY_LOG_ROUTE = (
+    "reply_route {\n"
+    '\txlog("L_NOTICE", "PYDMQ-REPLY code=$rs reason=$(rr{s.encode.base64})'
+    " cseq=$(hdr(CSeq){s.encode.base64}) callid=$(ci{s.encode.base64}) src=$si:$sp proto=$pr"
+    " server=$(hdr(Server){s.encode.base64}) ct=$(cT{s.encode.base64})"
+    " clen=$(hdr(Content-Length){s.encode.base64}) body=$(rb{s.encode.base64})"
+    ' PYDMQ-END\\n");\n'
+    "}\n"
+)
 
 #: Goes into ``extra_route``: a MESSAGE to user ``dmqsend`` / ``dmqbcast`` makes the script call
 #: ``dmq_send_message`` / ``dmq_bcast_message`` with the channel from ``X-Channel``, the node from
@@ -144,7 +147,7 @@ def dmq_log_problems(node: KamailioNode, *, benign: Iterable[str] = _BENIGN) -> 
 
 
 async def poll(
-    check: Callable[[], T | None | Literal[False]],
+    check: Callable[[], T | Literal[False] | None],
     *,
     timeout: float,
     what: str,
@@ -267,12 +270,14 @@ class Cluster:
     async def pydmq(
         self,
         *,
-        transport: Transport = "udp",
+        transport: str = "udp",
         notification_address: Iterable[str] = (),
         ping_interval: int = 60,
         fr_timer: float = 30.0,
-        channels: Mapping[str, int] = {},  # noqa: B006 (read only)
+        channels: Mapping[str, int] | None = None,
     ) -> PyNode:
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"unknown transport {transport!r}")
         port = free_port("both")
         uri = f"sip:127.0.0.1:{port}" + ("" if transport == "udp" else f";transport={transport}")
         config: dict[str, dict[str, Any]] = {
@@ -290,7 +295,7 @@ class Cluster:
         events: asyncio.Queue[MembershipEvent] = asyncio.Queue()
         node.events.subscribe(events.put_nowait)
         py = PyNode(node, load_api(node), uri, port, events)
-        for channel, code in channels.items():
+        for channel, code in (channels or {}).items():
             py.listen(channel, code)
         self.py_nodes.append(py)
         await node.start()
