@@ -17,6 +17,7 @@ from pydmq.dmq.nodelist import MembershipEvent
 from pydmq.dmq.runtime import DmqNode
 from pydmq.rpc import command as rpc_command
 from pydmq.rpc.server import start_rpc
+from pydmq.script.loader import ScriptError, ScriptRoute, load_route
 from pydmq.sip.transport import install_uvloop
 
 log = logging.getLogger("pydmq")
@@ -70,8 +71,13 @@ class StatusFile:
             log.warning("cannot write status file %s: %s", self.path, exc)
 
 
-async def _serve(settings: Settings, duration: float | None, status_path: str | None = None) -> int:
-    node = DmqNode(settings)
+async def _serve(
+    settings: Settings,
+    duration: float | None,
+    status_path: str | None = None,
+    route: ScriptRoute | None = None,
+) -> int:
+    node = DmqNode(settings, route=route)
     try:
         await node.start()
     except OSError as exc:
@@ -122,9 +128,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     settings, _warnings = loaded
     _setup_logging(settings.log.level)
+    script = args.script or settings.script.path
+    route = None
+    if script:
+        try:
+            route = load_route(script)
+        except ScriptError as exc:
+            print(f"pydmq: script error: {exc}", file=sys.stderr)
+            return 2
+        log.info("routing script %s", os.path.abspath(script))
     if install_uvloop():
         log.debug("using uvloop")
-    return asyncio.run(_serve(settings, args.duration, args.status_file))
+    return asyncio.run(_serve(settings, args.duration, args.status_file, route))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -142,6 +157,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pydmq.demo import run_demo  # noqa: PLC0415 - the demo is not needed to run a node
 
     return asyncio.run(run_demo(args.host, args.base_port, args.duration, args.interval))
+
+
+def _add_rpc_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--content-type`` and where the node's JSON-RPC listens (as for ``pydmq rpc``)."""
+    parser.add_argument(
+        "--content-type", default="text/plain", help="Content-Type of BODY (default text/plain)"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--http", metavar="HOST:PORT", help="the node's JSON-RPC over HTTP")
+    where.add_argument("--unix", metavar="PATH", help="the node's JSON-RPC unix datagram socket")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="without --http/--unix: this TOML file's [rpc]"
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw JSON-RPC reply")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)"
+    )
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    args.method = "dmq.send_message"
+    args.params = [args.channel, args.node, args.body, args.content_type]
+    return rpc_command.run(args)
+
+
+def cmd_bcast(args: argparse.Namespace) -> int:
+    args.method = "dmq.bcast_message"
+    args.params = [args.channel, args.body, args.content_type]
+    return rpc_command.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep PATH up to date (atomically) as JSON {nodes, stats}: written at start and on"
         " every node-list change (an observation channel until RPC exists)",
     )
+    run.add_argument(
+        "--script",
+        metavar="FILE",
+        default=None,
+        help="Python routing script defining request_route(msg) (overrides [script] path;"
+        " default: KDMQ -> dmq_handle_message, OPTIONS -> 200, else 404)",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run a 3-node demo cluster on 127.0.0.1, live")
@@ -179,6 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rpc_command.add_arguments(rpc)
     rpc.set_defaults(func=rpc_command.run)
+
+    send = sub.add_parser(
+        "send",
+        help="dmq_send_message on a running node (over its JSON-RPC)",
+        description="Send BODY on CHANNEL to NODE (a URI in the node list), as the script"
+        " function dmq_send_message does on the running node (JSON-RPC dmq.send_message).",
+    )
+    send.add_argument("channel", metavar="CHANNEL")
+    send.add_argument("node", metavar="NODE", help="the node's URI, e.g. sip:10.0.0.21:5060")
+    send.add_argument("body", metavar="BODY")
+    _add_rpc_target_arguments(send)
+    send.set_defaults(func=cmd_send)
+
+    bcast = sub.add_parser(
+        "bcast",
+        help="dmq_bcast_message on a running node (over its JSON-RPC)",
+        description="Send BODY on CHANNEL to every active node, as the script function"
+        " dmq_bcast_message does on the running node (JSON-RPC dmq.bcast_message).",
+    )
+    bcast.add_argument("channel", metavar="CHANNEL")
+    bcast.add_argument("body", metavar="BODY")
+    _add_rpc_target_arguments(bcast)
+    bcast.set_defaults(func=cmd_bcast)
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     add_cli_arguments(check)

@@ -10,7 +10,8 @@ Sources, lowest to highest precedence (a later source replaces a key, it does no
    ``dmq.server_address``, which Kamailio leaves NULL and pydmq sets to ``sip:127.0.0.1:5060`` so
    that ``pydmq run`` works without a file);
 2. a TOML file (``-c/--config FILE``, else ``$PYDMQ_CONFIG``). Tables ``[dmq]`` (Kamailio's
-   modparam names, exactly), ``[tm]``, ``[sip]``, ``[rpc]``, ``[log]``, ``[usrloc]``, ``[htable]``.
+   modparam names, exactly), ``[tm]``, ``[sip]``, ``[rpc]``, ``[log]``, ``[usrloc]``, ``[htable]``,
+   ``[script]``.
    Unknown   tables and keys are errors, because a silently ignored typo is a misconfigured cluster;
 3. environment variables ``PYDMQ_<TABLE>_<KEY>``, e.g. ``PYDMQ_DMQ_PING_INTERVAL=5``; lists are
    comma-separated. Only variables whose ``<TABLE>`` is a known table are read, and an unknown
@@ -53,6 +54,7 @@ __all__ = [
     "IPNetwork",
     "LogSettings",
     "RpcSettings",
+    "ScriptSettings",
     "Settings",
     "SipSettings",
     "TmSettings",
@@ -290,9 +292,9 @@ class HtableSettings:
     #: pydmq: largest ``{"cells":[...]}`` body sent to a TCP/TLS node (Kamailio's default
     #: ``tcp_rd_buf_size`` drops SIP messages above 16 KB received over TCP).
     sync_group_bytes: int = 15000
-    #: pydmq: largest sync body sent to a UDP node (kept below the path MTU so datagrams are not
-    #: fragmented; Kamailio itself sends up to 60000).
-    sync_group_bytes_udp: int = 1300
+    #: pydmq: largest sync body sent to a UDP node: with the KDMQ headers (about 450 bytes) the
+    #: datagram fits a 1500-byte MTU, so it is never fragmented (Kamailio sends up to 60000).
+    sync_group_bytes_udp: int = 1000
     #: pydmq: extra attempts of a sync group that timed out (408) or got 503.
     sync_retries: int = 2
 
@@ -300,6 +302,15 @@ class HtableSettings:
     def specs(self) -> tuple[HtableSpec, ...]:
         """The parsed :attr:`tables`."""
         return tuple(parse_htable_spec(t) for t in self.tables)
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptSettings:
+    """``[script]``: the routing script (``pydmq run --script`` overrides ``path``)."""
+
+    #: Python file defining ``request_route(msg)``; ``None``: the default route
+    #: (KDMQ -> dmq_handle_message, OPTIONS -> 200, anything else -> 404).
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +324,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     usrloc: UsrlocSettings = field(default_factory=UsrlocSettings)
     htable: HtableSettings = field(default_factory=HtableSettings)
+    script: ScriptSettings = field(default_factory=ScriptSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain JSON-compatible ``{table: {key: value}}`` for ``check-config``; unset is None."""
@@ -699,6 +711,9 @@ _FIELDS: dict[str, dict[str, _Field]] = {
     "log": {
         "level": _str_field(_log_level, "a log level name"),
     },
+    "script": {
+        "path": _str_field(_existing_file, "a Python file", optional=True),
+    },
     "usrloc": {
         "enable": _BOOL,
         "sync": _BOOL,
@@ -822,6 +837,7 @@ class _Values:
             log=LogSettings(**v["log"]),
             usrloc=UsrlocSettings(**v["usrloc"]),
             htable=HtableSettings(**v["htable"]),
+            script=ScriptSettings(**v["script"]),
         )
 
 

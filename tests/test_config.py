@@ -14,6 +14,8 @@ import pytest
 from pydmq.config import (
     ConfigError,
     DmqSettings,
+    HtableSettings,
+    HtableSpec,
     LogSettings,
     RpcSettings,
     Settings,
@@ -22,6 +24,7 @@ from pydmq.config import (
     UsrlocSettings,
     add_cli_arguments,
     load_settings,
+    parse_htable_spec,
     settings_from_args,
     settings_from_mapping,
 )
@@ -688,3 +691,119 @@ def test_usrloc_table(tmp_path: Path):
     ]:
         message = error_of(tmp_path, f"[usrloc]\n{bad}\n")
         assert all(w in message for w in words), (bad, message)
+
+
+# ---- [htable] ------------------------------------------------------------------------------------
+
+
+def test_htable_table(tmp_path: Path):
+    h = Settings().htable
+    assert h == HtableSettings()
+    # htable's documented defaults: no tables, enable_dmq 0, dmq_init_sync 0, timer_interval 20
+    assert (h.tables, h.enable_dmq, h.dmq_init_sync, h.timer_interval) == ((), False, False, 20)
+    assert (h.sync_window, h.sync_group_bytes, h.sync_group_bytes_udp, h.sync_retries) == (
+        4,
+        15000,
+        1000,
+        2,
+    )
+    settings, warnings = load_toml(
+        tmp_path,
+        "[htable]\n"
+        'tables = ["t=>size=8;autoexpire=0;dmqreplicate=1;", " a => autoexpire=3600;initval=-1"]\n'
+        "enable_dmq = 1\ndmq_init_sync = true\ntimer_interval = 5\nsync_window = 8\n"
+        "sync_group_bytes = 60000\nsync_group_bytes_udp = 1400\nsync_retries = 0\n",
+        environ={"PYDMQ_HTABLE_SYNC_WINDOW": "2"},
+    )
+    assert warnings == []
+    h = settings.htable
+    assert h.tables == ("t=>size=8;autoexpire=0;dmqreplicate=1;", "a => autoexpire=3600;initval=-1")
+    assert h.specs == (
+        HtableSpec("t", size=8, dmqreplicate=True),
+        HtableSpec("a", autoexpire=3600, initval=-1),
+    )
+    assert (h.enable_dmq, h.dmq_init_sync, h.timer_interval, h.sync_window) == (True, True, 5, 2)
+    assert (h.sync_group_bytes, h.sync_group_bytes_udp, h.sync_retries) == (60000, 1400, 0)
+    d = settings.to_dict()
+    json.dumps(d)
+    assert d["htable"]["tables"] == list(h.tables)
+    # a comma-separated environment list; a bare string is a list of one
+    settings, _ = load_toml(tmp_path, '[htable]\ntables = "x=>size=2"\n', environ={}, overrides=[])
+    assert settings.htable.tables == ("x=>size=2",)
+    settings, _ = load_settings(None, {"PYDMQ_HTABLE_TABLES": "a=>size=4,b=>size=5"}, [])
+    assert [s.name for s in settings.htable.specs] == ["a", "b"]
+
+
+def test_htable_spec_syntax():
+    assert parse_htable_spec("t=>size=8;autoexpire=0;dmqreplicate=1") == HtableSpec(
+        "t", size=8, dmqreplicate=True
+    )
+    spec = parse_htable_spec("c=>size=4;autoexpire=7200;initval=1;updateexpire=0;")
+    assert spec == HtableSpec("c", 4, 7200, updateexpire=False, initval=1)
+    assert parse_htable_spec("b=>").size == 4
+    # Kamailio's slot count: 2**size, size <= 1 -> 8 slots, size > 31 -> 2**14
+    assert [parse_htable_spec(f"t=>size={n}").slots for n in (0, 1, 2, 8, 32)] == [
+        8,
+        8,
+        4,
+        256,
+        16384,
+    ]
+    for bad, words in [
+        ("t", "name=>"),
+        ("=>size=4", "table name"),
+        ("t=>size=x", "size"),
+        ("t=>size=-1", "non-negative"),
+        ("t=>autoexpire", "autoexpire"),
+        ("t=>expire=5", "unknown attribute 'expire'"),
+        ("t=>dbtable=x", "no database"),
+        ("t=>size=4;size=5", "twice"),
+        ("t=>dmqreplicate=2", "0 or 1"),
+        ("t=>initval=99999999999", "initval"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            parse_htable_spec(bad)
+        assert words in str(info.value), (bad, info.value)
+
+
+def test_htable_errors_and_warnings(tmp_path: Path):
+    message = error_of(tmp_path, '[htable]\ntables = ["t=>size=8;autoexpir=1"]\n')
+    assert "htable.tables" in message and "did you mean autoexpire" in message
+    message = error_of(tmp_path, '[htable]\ntables = ["t=>size=8", "t=>size=4"]\n')
+    assert "twice" in message
+    for bad, words in [
+        ("sync_window = 0", ["htable.sync_window", "1 to 64"]),
+        ("sync_group_bytes = 70000", ["htable.sync_group_bytes", "1024 to 60000"]),
+        ("sync_group_bytes_udp = 100", ["htable.sync_group_bytes_udp"]),
+        ("timer_interval = 0", ["htable.timer_interval"]),
+        ("htable = []", ["htable.htable", "[htable] accepts"]),
+    ]:
+        message = error_of(tmp_path, f"[htable]\n{bad}\n")
+        assert all(w in message for w in words), (bad, message)
+    _settings, warnings = load_toml(
+        tmp_path, '[htable]\ntables = ["t=>dmqreplicate=1"]\ndmq_init_sync = 1\n'
+    )
+    assert len(warnings) == 2
+    assert "dmqreplicate=1 but htable.enable_dmq = 0" in warnings[0]
+    assert "dmq_init_sync" in warnings[1]
+
+
+# ---- [script] ------------------------------------------------------------------------------------
+
+
+def test_script_table(tmp_path: Path):
+    assert Settings().script.path is None  # no script: the default route
+    route = tmp_path / "route.py"
+    route.write_text("def request_route(msg):\n    msg.reply(200, 'OK')\n")
+    settings, warnings = load_toml(tmp_path, f'[script]\npath = "{route}"\n')
+    assert (settings.script.path, warnings) == (str(route), [])
+    assert settings.to_dict()["script"] == {"path": str(route)}
+    # environment and --set, as for every table; an empty string means "no script"
+    settings, _ = load_settings(None, {"PYDMQ_SCRIPT_PATH": str(route)}, [])
+    assert settings.script.path == str(route)
+    settings, _ = load_toml(tmp_path, f'[script]\npath = "{route}"\n', overrides=["script.path="])
+    assert settings.script.path is None
+    message = error_of(tmp_path, f'[script]\npath = "{tmp_path / "missing.py"}"\n')
+    assert "script.path" in message and "existing" in message
+    message = error_of(tmp_path, '[script]\nfile = "route.py"\n')
+    assert "script.file" in message

@@ -35,10 +35,11 @@ is not in its node list, every active node, as Kamailio) with all its replicated
 in ``{"cells":[...]}`` groups, then a final ``{"cells":[]}``. Unlike Kamailio, which fires every
 60 KB group at once, pydmq sends at most ``sync_window`` groups to one node before their replies
 arrive, retries a group that timed out ``sync_retries`` times, and sizes groups by transport:
-``sync_group_bytes_udp`` (default 1300, no IP fragmentation on a 1500-byte MTU) for UDP nodes,
-``sync_group_bytes`` (default 15000, under Kamailio's default 16 KB TCP read buffer) for TCP/TLS
-nodes. The final group is sent only after every other group has been answered, so a pydmq
-receiver can tell that a sync is complete. Progress is logged on ``pydmq.consumers.htable``.
+``sync_group_bytes_udp`` (default 1000: with the headers a datagram fits a 1500-byte MTU, so it
+is never fragmented) for UDP nodes, ``sync_group_bytes`` (default 15000, under Kamailio's default
+16 KB TCP read buffer) for TCP/TLS nodes. The final group is sent only after every other group
+has been answered, so a pydmq receiver can tell that a sync is complete. Progress is logged on
+``pydmq.consumers.htable``.
 
 Expiry. Every ``timer_interval`` seconds (default 20, Kamailio's ``timer_interval``) an asyncio
 task removes the expired cells of autoexpire tables. Until then an expired cell is invisible to
@@ -149,6 +150,8 @@ class SyncResult:
     cells_total: int
     cells_sent: int = 0
     groups_sent: int = 0
+    #: Most groups that were waiting for their reply at the same time (<= ``sync_window``).
+    max_in_flight: int = 0
     ok: bool = False
     error: str | None = None
     started: float = 0.0
@@ -197,6 +200,8 @@ class HtableService:
         self._incoming: dict[object, _Incoming] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        #: Bodies above this are refused (400): no SIP message of ours can be that big.
+        self.max_body = 65535 if node is None else max(65535, node.settings.sip.max_message_size)
         if node is not None and settings.enable_dmq:
             self.api = load_api(node)
             init = self._init_callback if settings.dmq_init_sync else None
@@ -364,12 +369,12 @@ class HtableService:
         return response
 
     def _handle(self, request: Request, node: Node | None) -> PeerResponse:
-        sender = node.orig_uri if node is not None else _from_text(request)
+        sender = _who(node) if node is not None else _from_text(request)
         if request.content_length is None:
             log.warning("htable: KDMQ from %s without Content-Length: 400", sender)
             return _BAD
         body = request.body
-        if len(body) > self._max_body():
+        if len(body) > self.max_body:
             log.warning("htable: %d-byte body from %s is too big: 400", len(body), sender)
             return _BAD
         try:
@@ -392,11 +397,6 @@ class HtableService:
             log.error("htable: failed to replay action %d from %s: %s", message.action, sender, exc)
             return _ERR
         return _OK
-
-    def _max_body(self) -> int:
-        if self.node is not None:
-            return max(65535, self.node.settings.sip.max_message_size)
-        return 65535
 
     def _apply_action(self, a: Action) -> None:
         """Kamailio's ``ht_dmq_replay_action``; never replicates."""
@@ -524,7 +524,7 @@ class HtableService:
         when a sync to that node is already running (duplicate requests are ignored)."""
         running = self._syncs.get(node.key)
         if running is not None and not running.done():
-            log.info("htable: sync to %s already running; request ignored", node.orig_uri)
+            log.info("htable: sync to %s already running; request ignored", _who(node))
             return None
         task = asyncio.get_running_loop().create_task(self._sync(node.snapshot(), table))
         self._syncs[node.key] = task
@@ -560,14 +560,14 @@ class HtableService:
     async def _sync(self, node: Node, table: str | None) -> SyncResult:
         loop = asyncio.get_running_loop()
         keys = self.store.sync_keys(table)
-        result = SyncResult(node.orig_uri, table, len(keys), started=loop.time())
+        result = SyncResult(_who(node), table, len(keys), started=loop.time())
         self.sync_results.append(result)
         self.stats.syncs_started += 1
         limit = self.group_limit(node)
         window = self.settings.sync_window
         log.info(
             "htable: sync to %s: %d cells, groups of at most %d bytes, %d in flight",
-            node.orig_uri,
+            _who(node),
             len(keys),
             limit,
             window,
@@ -592,7 +592,7 @@ class HtableService:
                     logged = result.cells_sent
                     log.info(
                         "htable: sync to %s: %d/%d cells, %d groups",
-                        node.orig_uri,
+                        _who(node),
                         result.cells_sent,
                         result.cells_total,
                         result.groups_sent,
@@ -602,6 +602,7 @@ class HtableService:
             for body, count in iter_groups(self._sync_parts(keys, result), limit):
                 await reap(window - 1)
                 pending[loop.create_task(self._deliver(node, body))] = count
+                result.max_in_flight = max(result.max_in_flight, len(pending))
             await reap(0)
             status = await self._deliver(node, EMPTY_GROUP)  # the final group, after all others
             if status != 200:
@@ -615,7 +616,7 @@ class HtableService:
             self.stats.syncs_failed += 1
             log.warning(
                 "htable: sync to %s abandoned after %d/%d cells: %s",
-                node.orig_uri,
+                _who(node),
                 result.cells_sent,
                 result.cells_total,
                 exc,
@@ -627,7 +628,7 @@ class HtableService:
         if result.ok:
             log.info(
                 "htable: sync to %s complete: %d cells in %d groups, %.2f s",
-                node.orig_uri,
+                _who(node),
                 result.cells_sent,
                 result.groups_sent,
                 result.seconds,
@@ -642,7 +643,7 @@ class HtableService:
             try:
                 future = self.api.send_message(self.peer, body, node, content_type=CONTENT_TYPE)
             except DmqError as exc:
-                log.debug("htable: sync group to %s not sent: %s", node.orig_uri, exc)
+                log.debug("htable: sync group to %s not sent: %s", _who(node), exc)
                 return -1
             await asyncio.wait({future})
             if future.cancelled() or future.exception() is not None:
@@ -650,7 +651,7 @@ class HtableService:
             status = future.result()[0].status
             if status not in _RETRY_STATUS:
                 return status
-            log.info("htable: sync group to %s got %d; retrying", node.orig_uri, status)
+            log.info("htable: sync group to %s got %d; retrying", _who(node), status)
         return status
 
 
@@ -664,6 +665,13 @@ def _ignore_outcome(future: asyncio.Future[list[Delivery]]) -> None:
     if not future.cancelled():
         with contextlib.suppress(Exception):
             future.result()
+
+
+def _who(node: Node) -> str:
+    """A node for log lines: ``sip:host:port[;transport=t]`` without the status parameter."""
+    port = f":{node.port_str}" if node.port_str else ""
+    transport = f";transport={node.proto}" if node.proto in ("tcp", "tls") else ""
+    return f"sip:{node.host}{port}{transport}"
 
 
 def _from_text(request: Request) -> str:

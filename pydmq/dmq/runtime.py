@@ -431,12 +431,7 @@ class DmqNode:
         if self._state not in ("running", "stopping"):
             raise DmqError(f"DMQ node is {self._state}: cannot send to {node.orig_uri}")
         dest = node_address(node)
-        try:
-            self.endpoint.local_address(dest.proto)
-        except (KeyError, LookupError, ValueError) as exc:
-            raise DmqError(f"no {dest.proto} socket to reach {node.orig_uri}") from exc
         snapshot = node.snapshot()
-        self.stats.record_out(channel)
 
         def on_final(status: int, response: Response | None) -> None:
             self.stats.record_reply_received(status)
@@ -445,15 +440,22 @@ class DmqNode:
             if callback is not None:
                 callback(response, status, snapshot)
 
-        return self.endpoint.send_request(
-            dest,
-            KDMQ,
-            kdmq_uri(channel, node),
-            from_uri=kdmq_uri(channel, self.local),
-            headers=[("Max-Forwards", str(max_forwards)), ("Content-Type", content_type)],
-            body=body,
-            on_final=on_final,
-        )
+        try:
+            future = self.endpoint.send_request(
+                dest,
+                KDMQ,
+                kdmq_uri(channel, node),
+                from_uri=kdmq_uri(channel, self.local),
+                headers=[("Max-Forwards", str(max_forwards)), ("Content-Type", content_type)],
+                body=body,
+                on_final=on_final,
+            )
+        except (LookupError, ValueError) as exc:
+            # No socket for the node's transport/family, or an unusable address: Kamailio's
+            # "cannot set up the transaction" case, reported at once and without a callback.
+            raise DmqError(f"cannot send to {node.orig_uri}: {exc}") from exc
+        self.stats.record_out(channel)
+        return future
 
     def notification_response(self, response: Response | None, status: int, node: Node) -> None:
         """The notification response callback (spec 2.7): used by pings and script sends."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -213,7 +214,9 @@ def http_status_of(code: int) -> int:
 
 
 def _valid_id(value: object) -> bool:
-    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
+    if isinstance(value, float):
+        return math.isfinite(value)  # 1e400 parses as inf, which JSON cannot carry back
+    return value is None or (isinstance(value, str | int) and not isinstance(value, bool))
 
 
 class Dispatcher:

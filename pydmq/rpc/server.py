@@ -323,8 +323,6 @@ def _remove_stale_socket(path: str) -> None:
             probe.connect(path)
         except ConnectionRefusedError:
             pass  # stale: nobody bound to it
-        except OSError:
-            pass
         else:
             raise OSError(errno.EADDRINUSE, "socket in use by another process", path)
     os.unlink(path)

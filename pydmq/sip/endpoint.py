@@ -416,6 +416,59 @@ class SipEndpoint:
         self._apply(actions)
         return fut
 
+    def forward_request(
+        self,
+        request: Request,
+        dest: Address,
+        on_final: FinalCallback | None = None,
+    ) -> asyncio.Future[tuple[int, Response | None]]:
+        """Forward a received non-INVITE ``request`` statefully to ``dest``, as tm's
+        ``t_replicate`` does: the copy is ``request`` unchanged (Request-URI, Max-Forwards,
+        Route, body) except for a new top Via of ours (the listening address of ``dest``'s
+        transport and family, a new branch) and the ``received``/``rport`` this endpoint noted
+        in the request's own top Via (RFC 3261 §18.2.1). ``request`` itself is not modified.
+
+        One client transaction per call: UDP retransmissions, a local ``(408, None)`` at
+        ``fr_timer``. Responses match it by our branch and the CSeq method and end here (they
+        are never relayed upstream); the final status arrives once, through ``on_final`` and
+        the returned future. Raises like :meth:`send_request`, and ``ValueError`` for INVITE or
+        ACK (only non-INVITE transactions exist here).
+        """
+        if self._loop is None:
+            raise RuntimeError("SipEndpoint.start() has not been called")
+        if self._closed:
+            raise RuntimeError("SipEndpoint is closed")
+        method = request.method
+        if method in ("INVITE", "ACK"):
+            raise ValueError(f"cannot forward {method}: non-INVITE transactions only")
+        if dest.proto not in _PROTOCOLS:
+            raise ValueError(f"unknown transport protocol {dest.proto!r}")
+        canonical = _canonical_ip(dest.host)
+        if canonical is None:
+            raise ValueError(f"destination host {dest.host!r} is not an IP address")
+        if canonical != dest.host:
+            dest = Address(dest.proto, canonical, dest.port)
+        family = socket.AF_INET6 if ":" in canonical else socket.AF_INET
+        local = self.local_address(dest.proto, family)
+        branch = new_branch()
+        while branch in self._client_dest:  # pragma: no cover - 64 random bits
+            branch = new_branch()
+        copy = Request(method, request.uri, request.header_items(), request.body)
+        copy.replace_top_via(request.via)  # as stamped on receipt (received/rport)
+        via = f"SIP/2.0/{dest.proto.upper()} {local.sip_hostport()};branch={branch}"
+        copy.add("Via", via, first=True)
+        actions = self.layer.start_client(
+            branch, method, copy.to_bytes(), dest.proto in _RELIABLE, self.now(), dest=(dest, local)
+        )
+        fut: asyncio.Future[tuple[int, Response | None]] = self._loop.create_future()
+        self._futures[branch] = fut
+        if on_final is not None:
+            self._finals[branch] = on_final
+        self._client_dest[branch] = dest
+        self._by_dest.setdefault(dest, set()).add(branch)
+        self._apply(actions)
+        return fut
+
     # -- sans-I/O actions ------------------------------------------------------------------
     def _apply(self, actions: Iterable[Action]) -> None:
         try:

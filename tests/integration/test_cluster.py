@@ -272,6 +272,10 @@ class Cluster:
         return "\n".join(n.describe() for n in self.nodes)
 
     def stop_all(self) -> None:
+        """SIGTERM to every node at once (each announces its stop, bounded by 1 s), then reap."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.terminate()
         for node in self.nodes:
             node.stop()
 
@@ -608,9 +612,12 @@ def test_multi_notify_finds_the_cluster_through_dns(cluster: Cluster) -> None:
             dns_server=f"{dns.host}:{dns.port}",
         )
         ready = cluster.wait_ready(m)
-        agreed = cluster.wait(
-            all_agree([n1, n2, m]), timeout=5, what="n1, n2 and m to list each other"
-        )
+        try:
+            agreed = cluster.wait(
+                all_agree([n1, n2, m]), timeout=5, what="n1, n2 and m to list each other"
+            )
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\ndnsmasq log:\n{dns.log()}") from None
         queries = dns.log()
     print(
         f"\nmulti_notify: the three lists agree {(agreed - ready) * 1000:.0f} ms after m is ready"

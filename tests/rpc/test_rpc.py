@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydmq.config import RpcSettings, settings_from_mapping
 from pydmq.dmq.node import NodeStatus
@@ -89,7 +91,7 @@ async def rig() -> AsyncIterator[Rig]:
         # ping_interval 60: nothing re-adds a node removed by RPC while a test looks at the list
         b = await cluster.start(ping_interval=60)
         port = free_port("both")
-        settings, _ = settings_from_mapping(
+        node_settings, _ = settings_from_mapping(
             {
                 "dmq": {
                     "server_address": f"sip:127.0.0.1:{port}",
@@ -101,7 +103,7 @@ async def rig() -> AsyncIterator[Rig]:
             },
             "test",
         )
-        a = DmqNode(settings)
+        a = DmqNode(node_settings)
         cluster.nodes.append(a)  # stopped by cluster.close()
         recorder = EventRecorder(a)
         await a.start()
@@ -423,9 +425,15 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_answering(r
         ({"jsonrpc": "2.0", "method": "dmq.remove", "params": "sip:x", "id": 7}, 400, -32600, 7),
         ({"jsonrpc": "2.0", "method": "core.version", "id": {"a": 1}}, 400, -32600, None),
         ({"jsonrpc": "2.0", "method": "core.version", "id": True}, 400, -32600, None),
+        (b'{"jsonrpc":"2.0","method":"core.version","id":1e400}', 400, -32600, None),
+        ({"jsonrpc": "2.0", "method": "core.version", "id": 1.5}, 200, 0, 1.5),
         (rpc_body("no.such.method", request_id="m"), 500, 500, "m"),
     ]
     for body, status, code, request_id in cases:
+        if status == 200:
+            reply = await post(rig.url, body)
+            assert (reply.status, reply.json()["id"]) == (200, request_id)
+            continue
         got_status, data = await error(body)
         assert (got_status, data["error"]["code"], data["id"]) == (status, code, request_id), body
     _status, data = await error(rpc_body("no.such.method"))
@@ -726,3 +734,68 @@ async def test_pydmq_run_serves_rpc_and_cleans_up(tmp_path: Path) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+async def test_dispatcher_with_consumer_handlers() -> None:
+    async def slow(params: list[object]) -> object:
+        """Echo, later."""
+        await asyncio.sleep(0)
+        return {"got": params}
+
+    def fails(_params: list[object]) -> object:
+        raise RpcFault(500, "AOR not found in location table")
+
+    def buggy(_params: list[object]) -> object:
+        raise ValueError("bug")
+
+    def unserializable(_params: list[object]) -> object:
+        return {"x": object()}
+
+    table = _table().update({"t.slow": slow, "t.fails": fails, "t.buggy": buggy})
+    table.update({"t.bad": unserializable})
+    method = table.get("t.slow")
+    assert method is not None and method.doc == "Echo, later."
+    dispatcher = Dispatcher(table)
+
+    async def call(method: str, params: Any = None) -> dict[str, Any]:
+        reply = await dispatcher.handle(json.dumps(rpc_body(method, params)).encode())
+        data: dict[str, Any] = json.loads(reply.body)
+        assert reply.ok == ("result" in data)
+        return data
+
+    assert (await call("t.slow", ["a", 1]))["result"] == {"got": ["a", 1]}
+    assert (await call("t.fails"))["error"] == {
+        "code": 500,
+        "message": "AOR not found in location table",
+    }
+    assert (await call("t.buggy"))["error"] == {"code": -32603, "message": "Internal Error"}
+    assert (await call("t.bad"))["error"]["code"] == -32603
+    with pytest.raises(ValueError):
+        table.add("t.slow", slow, "twice")
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "jsonrpc": st.sampled_from(["2.0", "1.0"]) | _json_values,
+        "method": st.sampled_from(["t.echo", "nope"]) | _json_values,
+        "params": _json_values,
+        "id": _json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | _requests.map(lambda r: json.dumps(r).encode()))
+def test_dispatcher_always_answers_with_a_json_rpc_reply(data: bytes) -> None:
+    reply = asyncio.run(Dispatcher(_table()).handle(data))
+    answer = json.loads(reply.body)
+    assert answer["jsonrpc"] == "2.0"
+    assert ("result" in answer) == reply.ok != ("error" in answer)

@@ -554,6 +554,58 @@ async def test_udp_retransmission_schedule_on_real_timers() -> None:
         assert ep.layer.retransmissions == 4 and ep.layer.timeouts == 1
 
 
+def live_handles(ep: SipEndpoint) -> int:
+    """Loop timer handles of ``ep`` that are still pending (stdlib loop)."""
+    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    return sum(
+        1 for h in scheduled if not h.cancelled() and getattr(h._callback, "__self__", None) is ep
+    )
+
+
+async def test_one_timer_handle_at_the_earliest_deadline() -> None:
+    timers = TimerConfig(t1=0.05, t2=0.4, fr_timer=1.0)
+    handler = Handler(auto=False)
+    async with (
+        endpoint(f"udp:{V4}:0", handler=handler, timers=timers) as ep,
+        raw_udp() as peer,
+    ):
+        # An unanswered server transaction: its guard timer is 64*T1 = 3.2 s away.
+        peer.send(
+            raw_request(via=f"{V4}:{peer.port}", branch="z9hG4bKheld"),
+            V4,
+            ep.local_address("udp").port,
+        )
+        held = await handler.next()
+        guard = ep.layer.next_deadline()
+        assert ep._timer_at == guard and live_handles(ep) == 1
+        # A client transaction: Timer E at T1 is earlier, so the one handle moves there.
+        fut = ep.send_request(
+            Address("udp", V4, peer.port),
+            "OPTIONS",
+            f"sip:x@{V4}:{peer.port}",
+            from_uri="sip:me@127.0.0.1",
+        )
+        assert guard is not None and ep._timer_at is not None and ep._timer_at < guard
+        assert ep._timer_at == ep.layer.next_deadline() and live_handles(ep) == 1
+        first, _, t_first = await peer.recv()
+        again, _, t_again = await peer.recv()  # Timer E fired on that handle
+        assert again == first
+        assert t_again - t_first == pytest.approx(0.05, abs=0.04)
+        assert ep._timer_at == ep.layer.next_deadline() and live_handles(ep) == 1
+        req = parse_message(first)
+        assert isinstance(req, Request)
+        peer.send(make_response(req, 200, "OK").to_bytes(), V4, ep.local_address("udp").port)
+        async with asyncio.timeout(WAIT):
+            assert (await fut)[0] == 200
+        held.reply(200, "OK")
+        # Left: Timer K (T4 = 5 s) and Timer J (64*T1). The handle is not moved later when the
+        # earliest timer is cancelled (it wakes once for nothing and re-arms), but it is never
+        # later than the earliest deadline and there is still only one.
+        deadline = ep.layer.next_deadline()
+        assert deadline is not None and ep._timer_at is not None and ep._timer_at <= deadline
+        assert live_handles(ep) == 1
+
+
 async def test_final_is_delivered_once_and_strays_are_counted() -> None:
     async with endpoint(f"udp:{V4}:0") as ep, raw_udp() as peer:
         calls: list[tuple[int, Response | None]] = []
