@@ -54,7 +54,7 @@ from pydmq.consumers.usrloc_codec import (
     encode_sync_request,
 )
 from pydmq.consumers.usrloc_store import ApplyResult, LocationStore, Record
-from pydmq.dmq.api import Delivery, DmqApi, DmqError, load_api
+from pydmq.dmq.api import Delivery, DmqApi, load_api
 from pydmq.dmq.node import Node
 from pydmq.dmq.peer import Peer, PeerResponse
 from pydmq.dmq.runtime import DmqNode
@@ -337,7 +337,7 @@ class UsrlocService:
         body = encode_contact(action, contact, with_sock=self.settings.replicate_socket_info)
         try:
             future = self.api.bcast_message(self.peer or CHANNEL, body, content_type=CONTENT_TYPE)
-        except DmqError as exc:
+        except (RuntimeError, ValueError) as exc:  # DmqError, or the endpoint refusing
             log.warning("usrloc: could not replicate %s of %s: %s", action.name, contact.aor, exc)
             return
         self.stats.replicated += 1
@@ -351,7 +351,7 @@ class UsrlocService:
             future = self.api.bcast_message(
                 self.peer or CHANNEL, encode_sync_request(), content_type=CONTENT_TYPE
             )
-        except DmqError as exc:
+        except (RuntimeError, ValueError) as exc:  # DmqError, or the endpoint refusing
             log.warning("usrloc: could not request a sync: %s", exc)
             return
         future.add_done_callback(self._settle)
@@ -380,6 +380,8 @@ class UsrlocService:
                 await self.send_all(node)
                 if key not in self._sync_again or self._closed:
                     break
+        except Exception:  # a bug must not end as an unretrieved task exception
+            log.exception("usrloc: sync answer failed")
         finally:
             if self._sync_tasks.get(key) is asyncio.current_task():
                 del self._sync_tasks[key]
@@ -433,7 +435,7 @@ class UsrlocService:
                     future = self.api.bcast_message(peer, body, content_type=CONTENT_TYPE)
                 else:
                     future = self.api.send_message(peer, body, node, content_type=CONTENT_TYPE)
-            except DmqError as exc:
+            except (RuntimeError, ValueError) as exc:  # DmqError, or the endpoint refusing
                 slots.release()
                 log.warning("usrloc: sync answer stopped: %s", exc)
                 break

@@ -72,7 +72,6 @@ class PydmqProcess:
     dmq: dict[str, Any] = field(default_factory=dict)
     tm: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
-    killed: bool = False
 
     @property
     def uri(self) -> str:
@@ -175,7 +174,6 @@ class PydmqProcess:
         at = time.monotonic()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=5)
-        self.killed = True
         return at
 
     def sigterm(self) -> float:
@@ -378,7 +376,7 @@ class FailureCase:
 
 FAILURE_CASES = [
     # 6.1 defaults: remove_inactive = 1, fail counting off: disabled on the 1st timeout, then
-    # deleted by the next one (whose snapshot was disabled).
+    # deleted by the timeout of the first ping sent while it was disabled.
     FailureCase("defaults", {}, kill_seed=False, path=("disabled", REMOVED)),
     # remove_inactive = 0: not_active, and never deleted.
     FailureCase(
@@ -388,7 +386,7 @@ FAILURE_CASES = [
         path=("not_active",),
     ),
     # fail counting with the default thresholds 0/1: 1st timeout -> not_active, 2nd -> disabled,
-    # 3rd -> deleted.
+    # then deleted by the first ping sent while disabled.
     FailureCase(
         "fail_count_0_1",
         {
@@ -401,7 +399,7 @@ FAILURE_CASES = [
         fail_counts=(1, 2),
     ),
     # not_active threshold 2: two failures stay active, the 3rd -> not_active; disabled
-    # threshold 3: the 4th -> disabled; the 5th -> deleted.
+    # threshold 3: the 4th -> disabled; then deleted by the first ping sent while disabled.
     FailureCase(
         "fail_count_2_3",
         {
@@ -436,11 +434,11 @@ class FailureRun:
         return [n for n in self.nodes if n is not self.victim]
 
     def record(self) -> None:
-        now = time.monotonic() - self.killed_at
         for node in self.survivors:
             if node.exited:
                 continue
             rows = node.rows()
+            now = time.monotonic() - self.killed_at
             if not rows:
                 continue
             row = rows.get(self.victim.hostport)
@@ -499,7 +497,9 @@ def _run_failure_cases(cluster: Cluster) -> dict[str, FailureRun]:
         return all(run.finished() for run in runs.values())
 
     # The slowest case (thresholds 2/3) needs 5 timeouts: about 5 pings plus fr_timer.
-    cluster.wait(all_finished, timeout=20, what="every survivor to reach its final state")
+    cluster.wait(
+        all_finished, timeout=20, interval=0.02, what="every survivor to reach its final state"
+    )
 
     # A case that keeps the node emits no more events, so its files stop changing. Stop one
     # survivor gracefully: the other one records that as an event and so rewrites its file now,

@@ -261,6 +261,7 @@ async def _until(check: Callable[[], object], what: str, timeout: float = 10.0) 
     await eventually(check, timeout=timeout, what=what, interval=0.02)
 
 
+@pytest.mark.kamailio
 async def test_mixed_cluster_with_kamailio(
     cluster: Cluster, services: Services, tmp_path: Path
 ) -> None:

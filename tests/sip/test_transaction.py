@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -519,10 +518,11 @@ def test_heap_is_compacted_under_churn() -> None:
     assert layer.stats()["heap_size"] == 0 and layer.live_clients == 0
 
 
-def test_throughput_smoke() -> None:
+def test_many_transactions_leave_no_state() -> None:
+    """20,000 client+server pairs run to completion and every timer and state is dropped
+    (speed is measured by bench/, never asserted here)."""
     layer = TransactionLayer()
     n = 20_000
-    t0 = time.perf_counter()
     for i in range(n):
         now = i * 1e-4
         b = f"z9hG4bK{i}"
@@ -533,9 +533,8 @@ def test_throughput_smoke() -> None:
         layer.on_server_response(k, 200, b"ok", now)
         layer.on_response(b, "KDMQ", 200, None, now)
     drive(layer, 1000.0)
-    elapsed = time.perf_counter() - t0
     assert layer.live_clients == layer.live_servers == 0
-    assert elapsed < 5.0  # ~0.2 s on a laptop; generous for slow CI
+    assert layer.next_deadline() is None
 
 
 # ------------------------------------------------------------------------------------ hypothesis
