@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="keep PATH up to date (atomically) as JSON {nodes, stats}: written at start and on"
-        " every node-list change (an observation channel until RPC exists)",
+        " every node-list change (for scripts and tests that watch a node without RPC)",
     )
     run.add_argument(
         "--script",

@@ -16,9 +16,12 @@ request at join time. Use it like this::
     await ht.close()                          # stops the expiry sweeper and running syncs
     await node.stop()
 
-Replication. A local change of a table with ``dmqreplicate=1`` is applied and broadcast to every
+Replication. A local change of a table with ``dmqreplicate=1`` is applied and sent to every
 active node (Kamailio broadcasts first and applies second; both happen in the same event-loop
-step here). A change received from a peer is applied to the store directly and never sent again,
+step here). Kamailio applies what it receives in several workers, in no particular order, so
+pydmq does not send a change of a key to a node while an earlier change of the same key (or a
+table-wide removal) is still unanswered there; changes of different keys go out concurrently
+(see :class:`_Outbox`). A change received from a peer is applied to the store directly and never sent again,
 so there are no loops. Every mutation replicates as Kamailio's corresponding call does:
 ``set`` → SET_CELL (+ SET_CELL_EXPIRE when an expiry is given, like ``sht_setxs``), ``incr`` /
 ``decr`` → SET_CELL with the result, ``delete`` → DEL_CELL (even for a missing key, as Kamailio),
@@ -53,6 +56,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -110,6 +114,10 @@ CHANNEL = "htable"
 MAX_GROUP_BYTES = 64000
 #: Progress lines: at most one per this many cells, per sync.
 PROGRESS_STEP = 10000
+#: Replication messages one node may have unanswered at once (different keys only).
+REPLICATION_WINDOW = 32
+#: Replication messages queued for one node that does not answer, before new ones are dropped.
+REPLICATION_QUEUE = 10000
 
 _OK = PeerResponse(200, "OK")
 _BAD = PeerResponse(400, "Bad Request")
@@ -121,8 +129,10 @@ _RETRY_STATUS = frozenset({408, 503})
 class HtableStats:
     """Counters of one service (read them, do not write them)."""
 
-    #: Local changes broadcast to the other nodes.
+    #: Local changes of replicated tables (each goes to every active node).
     replicated: int = 0
+    #: Changes not delivered to a node: its queue was full, or it left the active list.
+    replication_dropped: int = 0
     #: KDMQ requests received on the channel, by the reply they got.
     received_ok: int = 0
     received_bad: int = 0
@@ -197,6 +207,7 @@ class HtableService:
         #: The outcome of the sync answers sent, latest last.
         self.sync_results: list[SyncResult] = []
         self._syncs: dict[NodeKey, asyncio.Task[SyncResult]] = {}
+        self._outboxes: dict[NodeKey, _Outbox] = {}
         self._incoming: dict[object, _Incoming] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -216,6 +227,8 @@ class HtableService:
     async def close(self) -> None:
         """Stop the sweeper and abandon running sync answers. The tables stay readable."""
         self._closed = True
+        for outbox in self._outboxes.values():
+            outbox.discard()
         tasks: list[asyncio.Task[SyncResult] | asyncio.Task[None]] = list(self._syncs.values())
         if self._sweeper is not None:
             tasks.append(self._sweeper)
@@ -274,10 +287,10 @@ class HtableService:
         if expire is not None:
             check_int(expire)
         self.store.set(table, key, value)
-        self._replicate(t, encode_set_cell(table, key, value))
+        self._replicate(t, key, encode_set_cell(table, key, value))
         if expire is not None:
             self.store.set_expire(table, key, expire)
-            self._replicate(t, encode_set_expire(table, key, expire))
+            self._replicate(t, key, encode_set_expire(table, key, expire))
 
     def incr(self, table: str, key: str, delta: int = 1) -> int | None:
         """``$shtinc``: add ``delta``; the new value, or None (string cell, or missing without
@@ -287,7 +300,7 @@ class HtableService:
         cell = self.store.add(table, key, delta)
         if cell is None or isinstance(cell.value, str):
             return None
-        self._replicate(t, encode_set_cell(table, key, cell.value))
+        self._replicate(t, key, encode_set_cell(table, key, cell.value))
         return cell.value
 
     def decr(self, table: str, key: str, delta: int = 1) -> int | None:
@@ -299,7 +312,7 @@ class HtableService:
         way (Kamailio sends it before looking), which also heals a peer that still has it."""
         t = self.store.table(table)
         existed = self.store.delete(table, key)
-        self._replicate(t, encode_del_cell(table, key))
+        self._replicate(t, key, encode_del_cell(table, key))
         return existed
 
     def set_expire(self, table: str, key: str, seconds: int) -> bool:
@@ -308,7 +321,7 @@ class HtableService:
         t = self.store.table(table)
         check_int(seconds)
         changed = self.store.set_expire(table, key, seconds)
-        self._replicate(t, encode_set_expire(table, key, seconds))
+        self._replicate(t, key, encode_set_expire(table, key, seconds))
         return changed
 
     def remove(
@@ -334,27 +347,34 @@ class HtableService:
             if not pattern:
                 raise HtablePatternError("empty prefix")
             count = self.store.remove_prefix(table, pattern, by_value=by_value)
-        self._replicate(t, encode_remove(table, pattern, prefix=op == "sw", by_value=by_value))
+        self._replicate(
+            t, None, encode_remove(table, pattern, prefix=op == "sw", by_value=by_value)
+        )
         return count
 
     def flush(self, table: str) -> int:
         """Empty the table; the count removed. Replicated as RM_CELL_RE ``.*`` on names."""
         t = self.store.table(table)
         count = self.store.flush(table)
-        self._replicate(t, encode_remove(table, ".*", prefix=False, by_value=False))
+        self._replicate(t, None, encode_remove(table, ".*", prefix=False, by_value=False))
         return count
 
     # ---- replication ------------------------------------------------------------------------
-    def _replicate(self, table: Table, body: bytes) -> None:
-        if not table.dmqreplicate or self.api is None or self.peer is None:
-            return
-        try:
-            future = self.api.bcast_message(self.peer, body, content_type=CONTENT_TYPE)
-        except (DmqError, RuntimeError) as exc:
-            log.warning("htable: replication of a change to %r failed: %s", table.name, exc)
+    def _replicate(self, table: Table, key: str | None, body: bytes) -> None:
+        """Queue ``body`` (a change of ``key``, or of the whole table when None) for every
+        active node; see :class:`_Outbox` for the ordering guarantees."""
+        if not table.dmqreplicate or self.api is None or self.peer is None or self.node is None:
             return
         self.stats.replicated += 1
-        future.add_done_callback(_ignore_outcome)
+        targets = self.node.nodes.active_remote()
+        alive = {n.key for n in targets}
+        for gone in [k for k in self._outboxes if k not in alive]:
+            self.stats.replication_dropped += self._outboxes.pop(gone).discard()
+        for target in targets:
+            outbox = self._outboxes.get(target.key)
+            if outbox is None:
+                outbox = self._outboxes[target.key] = _Outbox(self, target)
+            outbox.push(table.name, key, body)
 
     # ---- DMQ: receiving ---------------------------------------------------------------------
     def handle_message(self, request: Request, node: Node | None) -> PeerResponse:
@@ -653,6 +673,79 @@ class HtableService:
                 return status
             log.info("htable: sync group to %s got %d; retrying", _who(node), status)
         return status
+
+
+class _Outbox:
+    """Replication messages on their way to one node.
+
+    Kamailio hands received KDMQ requests to several workers, so two changes sent back to back
+    may be applied in the wrong order (dmq-protocol.md §1.5.3): ``set k 41`` then ``incr k``
+    could leave 41 on the peer. Both Kamailio and pydmq reply only after applying a change, so
+    the outbox sends a change of a key only when no earlier change of the same key (or of the
+    whole table: regex / prefix removal, flush) is still waiting for its reply. Changes of
+    different keys commute and go out together, up to :data:`REPLICATION_WINDOW` at a time;
+    the queue is FIFO. A node that stops answering holds at most :data:`REPLICATION_QUEUE`
+    changes; more are dropped with a warning (a later sync repairs that node).
+    """
+
+    __slots__ = ("in_flight", "node", "queue", "service", "warned")
+
+    def __init__(self, service: HtableService, node: Node) -> None:
+        self.service = service
+        self.node = node.snapshot()
+        self.queue: deque[tuple[str, str | None, bytes]] = deque()
+        self.in_flight: dict[asyncio.Future[list[Delivery]], tuple[str, str | None]] = {}
+        self.warned = False
+
+    def push(self, table: str, key: str | None, body: bytes) -> None:
+        if len(self.queue) >= REPLICATION_QUEUE:
+            self.service.stats.replication_dropped += 1
+            if not self.warned:
+                self.warned = True
+                log.warning(
+                    "htable: %s is not answering; changes for it are being dropped", _who(self.node)
+                )
+            return
+        self.queue.append((table, key, body))
+        self.pump()
+
+    def _blocked(self, table: str, key: str | None) -> bool:
+        return any(
+            t == table and (key is None or k is None or k == key)
+            for t, k in self.in_flight.values()
+        )
+
+    def pump(self) -> None:
+        service = self.service
+        assert service.api is not None and service.peer is not None
+        while self.queue and len(self.in_flight) < REPLICATION_WINDOW:
+            table, key, body = self.queue[0]
+            if self._blocked(table, key):
+                return
+            self.queue.popleft()
+            try:
+                future = service.api.send_message(
+                    service.peer, body, self.node, content_type=CONTENT_TYPE
+                )
+            except DmqError as exc:
+                service.stats.replication_dropped += 1
+                log.debug("htable: change for %s not sent: %s", _who(self.node), exc)
+                continue
+            self.in_flight[future] = (table, key)
+            future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[list[Delivery]]) -> None:
+        self.in_flight.pop(future, None)
+        _ignore_outcome(future)
+        if not future.cancelled() and future.exception() is None:
+            self.warned = False
+        self.pump()
+
+    def discard(self) -> int:
+        """Forget what is queued (the node left the active list); the count dropped."""
+        count = len(self.queue)
+        self.queue.clear()
+        return count
 
 
 class _SyncAborted(Exception):

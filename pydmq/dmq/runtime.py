@@ -466,7 +466,7 @@ class DmqNode:
         """The 6.1 default callback for consumers that pass none: only a 408 counts."""
         if status == 408 and self.settings.dmq.fail_count_enabled:
             self.nodes.on_consumer_timeout(node)
-            self._publish_events()
+            self.publish_events()
 
     def _run(self, commands: Iterable[Command]) -> list[FinalFuture]:
         futures: list[FinalFuture] = []
@@ -489,7 +489,7 @@ class DmqNode:
                 self._spawn(run_init_callbacks(self.peers))
             elif isinstance(cmd, LogWarning):
                 self._warn(cmd.message)
-        self._publish_events()
+        self.publish_events()
         return futures
 
     def _warn(self, message: str) -> None:
@@ -501,7 +501,9 @@ class DmqNode:
         self._last_warning = message
         log.warning("%s", message)
 
-    def _publish_events(self) -> None:
+    def publish_events(self) -> None:
+        """Log the node list's pending membership events and hand them to ``events``
+        subscribers; call it after changing ``nodes`` directly (RPC does)."""
         for event in self.nodes.drain_events():
             log.info(
                 "node %s %s (%s -> %s)",

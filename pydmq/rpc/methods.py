@@ -10,6 +10,10 @@ method                 params                         result
 ``dmq.add``            ``uri``                        ``"Ok. DMQ node added."`` (master)
 ``dmq.change_status``  ``uri``, ``status``            ``"Ok. DMQ node status changed."`` (master)
 ``dmq.stats``          --                             counters (pydmq's own)
+``dmq.send_message``   ``channel``, ``node``, ``body``,   ``{"rc": 1, "sent": 1}`` (pydmq's own,
+                       [``content_type``]                 see ``pydmq.script.functions.send``)
+``dmq.bcast_message``  ``channel``, ``body``,             ``{"rc": 1, "sent": <node count>}``
+                       [``content_type``]                 (pydmq's own, ``...functions.bcast``)
 ``core.version``       --                             ``"pydmq 0.1.0 (x86_64/linux) ..."``
 ``core.uptime``        --                             ``{now, up_since, uptime}``
 ``system.listMethods`` --                             sorted method names
@@ -36,6 +40,7 @@ from pydmq.dmq.node import NodeError, parse_node_uri
 from pydmq.dmq.nodelist import RpcFault
 from pydmq.dmq.runtime import DmqNode
 from pydmq.rpc.protocol import Handler, MethodTable, Params
+from pydmq.script.functions import SendError, bcast, send
 
 __all__ = ["build_methods", "version_string"]
 
@@ -80,7 +85,7 @@ def build_methods(node: DmqNode, extra: Mapping[str, Handler] | None = None) -> 
     def changed() -> None:
         # The node list records membership events; the runtime publishes them (log + event bus)
         # only after its own actions, so publish the ones an RPC change caused right away.
-        node._publish_events()
+        node.publish_events()
 
     # -- dmq ---------------------------------------------------------------------------------
     def list_nodes(_params: Params) -> object:
@@ -122,6 +127,27 @@ def build_methods(node: DmqNode, extra: Mapping[str, Handler] | None = None) -> 
             "transactions": endpoint.layer.stats(),
         }
 
+    # -- the script functions dmq_send_message / dmq_bcast_message -------------------------------
+    def send_message(params: Params) -> object:
+        channel, uri, body = _text(params, 0), _text(params, 1), _text(params, 2)
+        if channel is None or uri is None or body is None:
+            raise RpcFault(500, INVALID_PARAMETERS)
+        try:
+            send(node, channel, uri, body, _text(params, 3) or "text/plain")
+        except SendError as exc:
+            raise RpcFault(500, str(exc)) from None
+        return {"rc": 1, "sent": 1}
+
+    def bcast_message(params: Params) -> object:
+        channel, body = _text(params, 0), _text(params, 1)
+        if channel is None or body is None:
+            raise RpcFault(500, INVALID_PARAMETERS)
+        try:
+            futures = bcast(node, channel, body, _text(params, 2) or "text/plain")
+        except SendError as exc:
+            raise RpcFault(500, str(exc)) from None
+        return {"rc": 1, "sent": len(futures)}
+
     # -- core / system -----------------------------------------------------------------------
     def version(_params: Params) -> object:
         return version_string()
@@ -155,6 +181,18 @@ def build_methods(node: DmqNode, extra: Mapping[str, Handler] | None = None) -> 
         ["uri", "status"],
     )
     table.add("dmq.stats", stats, "DMQ, SIP, transport and transaction counters", [])
+    table.add(
+        "dmq.send_message",
+        send_message,
+        "Send a KDMQ to one node, as the script function dmq_send_message",
+        ["channel", "node", "body", "content_type"],
+    )
+    table.add(
+        "dmq.bcast_message",
+        bcast_message,
+        "Send a KDMQ to every active node, as the script function dmq_bcast_message",
+        ["channel", "body", "content_type"],
+    )
     table.add("core.version", version, "Returns the version string of the server.")
     table.add("core.uptime", uptime, "Returns uptime of SIP server.")
     table.add("system.listMethods", list_methods, "Lists all RPC methods supported by the server.")

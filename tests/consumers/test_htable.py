@@ -97,7 +97,10 @@ def kdmq(body: bytes | str, *, content_length: bool = True) -> Request:
 
 
 class Done:
-    """A finished broadcast (no event loop needed)."""
+    """An already answered request (no event loop needed)."""
+
+    def __init__(self, node: Any = None, status: int = 200) -> None:
+        self._result = [Delivery(node, status, None)] if node is not None else []
 
     def add_done_callback(self, callback: Any) -> None:
         callback(self)
@@ -105,41 +108,68 @@ class Done:
     def cancelled(self) -> bool:
         return False
 
+    def exception(self) -> None:
+        return None
+
     def result(self) -> list[Delivery]:
-        return []
+        return self._result
 
 
 class FakeApi:
-    """Stands in for DmqApi: records broadcasts; unicasts are answered by ``responder``."""
+    """Stands in for DmqApi: records what is sent. Inside an event loop a unicast is answered
+    ``delay`` seconds later (status from ``statuses``, default 200); outside, at once."""
 
     def __init__(self) -> None:
         self.broadcasts: list[bytes] = []
-        self.sent: list[tuple[bytes, asyncio.Future[list[Delivery]]]] = []
+        self.sent: list[bytes] = []
+        self.pending: list[bytes] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self.statuses: list[int] = []  # status of the next unicasts (default 200)
+        self.statuses: list[int] = []
+        self.delay = 0.001
+
+    @property
+    def changes(self) -> list[bytes]:
+        """Replicated changes (everything unicast except sync groups)."""
+        return [b for b in self.sent if not b.startswith(b'{"cells"')]
 
     def bcast_message(self, peer: Any, body: bytes, **kw: Any) -> Done:
         assert kw["content_type"] == CONTENT_TYPE
         self.broadcasts.append(body)
         return Done()
 
-    def send_message(
-        self, peer: Any, body: bytes, node: Any, **kw: Any
-    ) -> asyncio.Future[list[Delivery]]:
+    def send_message(self, peer: Any, body: bytes, node: Any, **kw: Any) -> Any:
         assert kw["content_type"] == CONTENT_TYPE
-        fut: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
-        self.sent.append((body, fut))
+        self.sent.append(body)
+        status = self.statuses.pop(0) if self.statuses else 200
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return Done(node, status)
+        fut: asyncio.Future[list[Delivery]] = loop.create_future()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        status = self.statuses.pop(0) if self.statuses else 200
+        self.pending.append(body)
 
         def answer() -> None:
             self.in_flight -= 1
+            self.pending.remove(body)
             fut.set_result([Delivery(node, status, None)])
 
-        asyncio.get_running_loop().call_later(0.001, answer)
+        loop.call_later(self.delay, answer)
         return fut
+
+
+PEER = build_node("sip:127.0.0.1:5099", lambda host: host)
+
+
+class FakeNodes:
+    def active_remote(self, except_node: Any = None) -> list[Any]:
+        return [PEER]
+
+
+class FakeNode:
+    nodes = FakeNodes()
 
 
 def service(*tables: str, clock: Clock | None = None, **options: Any) -> HtableService:
@@ -154,6 +184,7 @@ def replicating(
     api = FakeApi()
     svc.api = api  # type: ignore[assignment]
     svc.peer = Peer("htable", "htable", svc.handle_message)
+    svc.node = FakeNode()  # type: ignore[assignment]
     return svc, api
 
 
@@ -513,7 +544,7 @@ def test_bad_input_is_refused_and_changes_nothing(body: bytes, code: int) -> Non
     )
     assert response.body == b""
     assert state(svc) == before
-    assert api.broadcasts == []
+    assert api.changes == []
 
 
 def test_missing_content_length_and_huge_body_are_400() -> None:
@@ -555,7 +586,7 @@ def test_received_changes_apply_without_replicating_and_tolerate_duplicates() ->
         "t": [("n1", 42, 0), ("k1", "v1", 0)],
         "e": [("x", "y", now + 30)],
     }
-    assert api.broadcasts == []
+    assert api.changes == []
     assert svc.stats.received_ok == 2 * len(messages)
 
 
@@ -581,7 +612,7 @@ def test_bulk_applies_expiry_relative_to_now_and_skips_unknown_tables() -> None:
     assert svc.get("t", "k") == "v"
     assert svc.stats.cells_received == 4 and svc.stats.groups_received == 1
     assert svc.handle_message(kdmq(EMPTY_GROUP), None).code == 200  # the final group
-    assert api.broadcasts == []
+    assert api.changes == []
 
 
 def test_every_local_mutation_replicates_exactly_once() -> None:
@@ -601,7 +632,7 @@ def test_every_local_mutation_replicates_exactly_once() -> None:
     svc.flush("t")
     svc.set("local", "k", "v")  # dmqreplicate=0: local only
     svc.delete("local", "k")
-    assert api.broadcasts == [
+    assert api.changes == [
         encode_set_cell("t", "k1", "v1"),
         encode_set_cell("t", "n", 41),
         encode_set_cell("t", "n", 42),
@@ -616,13 +647,13 @@ def test_every_local_mutation_replicates_exactly_once() -> None:
         encode_remove("t", "v", prefix=True, by_value=True),
         encode_remove("t", ".*", prefix=False, by_value=False),
     ]
-    assert svc.stats.replicated == len(api.broadcasts)
+    assert svc.stats.replicated == len(api.changes)
 
 
 def test_refused_local_changes_send_nothing() -> None:
     svc, api = replicating()
     svc.set("t", "a", "1")
-    api.broadcasts.clear()
+    api.sent.clear()
     with pytest.raises(HtablePatternError):
         svc.remove("t", "(")
     with pytest.raises(HtablePatternError):
@@ -635,11 +666,11 @@ def test_refused_local_changes_send_nothing() -> None:
         svc.set("t", "a", "x", expire=2**40)
     with pytest.raises(UnknownTableError):
         svc.delete("nosuch", "a")
-    assert api.broadcasts == [] and svc.get("t", "a") == "1"
+    assert api.changes == [] and svc.get("t", "a") == "1"
 
 
 def test_a_peer_that_replicates_to_another_keeps_them_equal() -> None:
-    """Every body a node broadcasts, applied on a second node, gives the same table."""
+    """Every change a node sends, applied on a second node, gives the same table."""
     a, api = replicating(T, E, INIT)
     b, _ = replicating(T, E, INIT)
     a.set("t", "s", "x")
@@ -650,7 +681,7 @@ def test_a_peer_that_replicates_to_another_keeps_them_equal() -> None:
     a.set("t", "tmp2", "2")
     a.remove("t", "tmp", op="sw")
     a.incr("c", "n")
-    for body in api.broadcasts:
+    for body in api.changes:
         assert b.handle_message(kdmq(body), None).code == 200
     assert state(a) == state(b)
 
@@ -660,14 +691,13 @@ def test_a_peer_that_replicates_to_another_keeps_them_equal() -> None:
 
 async def test_sync_sender_window_sizes_and_final_group() -> None:
     svc, api = replicating(T, E, sync_group_bytes_udp=600, sync_window=3)
-    svc.node = object()  # type: ignore[assignment]  # only checked for None
     for i in range(300):
         svc.store.set("t", f"key-{i:04d}", f"value-{i}" if i % 3 else i)
     svc.store.set("e", "exp", "x")
-    peer = build_node("sip:127.0.0.1:5099", lambda host: host)
+    peer = PEER
     result = await svc.sync_to(peer)  # type: ignore[misc]
     assert result.ok and result.cells_sent == 301 == result.cells_total
-    bodies = [body for body, _ in api.sent]
+    bodies = api.sent
     assert bodies[-1] == EMPTY_GROUP
     assert all(len(b) <= 600 for b in bodies)
     cells = [c for b in bodies for c in json.loads(b)["cells"]]
@@ -683,10 +713,9 @@ async def test_sync_sender_window_sizes_and_final_group() -> None:
 
 async def test_sync_sender_retries_timeouts_and_gives_up() -> None:
     svc, api = replicating(T, sync_group_bytes_udp=1024, sync_retries=2)
-    svc.node = object()  # type: ignore[assignment]
     for i in range(10):
         svc.store.set("t", f"k{i}", i)
-    peer = build_node("sip:127.0.0.1:5099", lambda host: host)
+    peer = PEER
     api.statuses = [408, 503]  # the first group times out twice, then passes
     result = await svc.sync_to(peer)  # type: ignore[misc]
     assert result.ok and result.cells_sent == 10
@@ -698,13 +727,12 @@ async def test_sync_sender_retries_timeouts_and_gives_up() -> None:
 
 async def test_sync_request_is_answered_once_per_node() -> None:
     svc, api = replicating(T, sync_window=1)
-    svc.node = object()  # type: ignore[assignment]
     svc.store.set("t", "k", "v")
-    peer = build_node("sip:127.0.0.1:5099", lambda host: host)
+    peer = PEER
     for _ in range(3):  # the request and two retransmissions
         assert svc.handle_message(kdmq(encode_sync_request()), peer).code == 200
     await asyncio.gather(*svc._syncs.values())
-    assert [body for body, _ in api.sent] == [
+    assert api.sent == [
         group_body([encode_sync_cell("t", "k", "v", 0)]),
         EMPTY_GROUP,
     ]
@@ -712,7 +740,7 @@ async def test_sync_request_is_answered_once_per_node() -> None:
     api.sent.clear()
     svc.handle_message(kdmq(encode_sync_request("other")), peer)
     await asyncio.gather(*svc._syncs.values())
-    assert [body for body, _ in api.sent] == [EMPTY_GROUP]
+    assert api.sent == [EMPTY_GROUP]
 
 
 def test_group_limit_depends_on_transport() -> None:
@@ -787,9 +815,9 @@ def test_rpc_results_and_faults_as_kamailio() -> None:
     assert rpc["htable.flush"](["e"]) == "Ok. Htable flushed."
     assert rpc["htable.dump"](["e"]) == []
     # every RPC write went out as Kamailio's RPC sends it
-    assert api.broadcasts[:2] == [encode_set_cell("t", "k1", "v1"), encode_set_cell("t", "s2", "7")]
-    assert encode_set_cell("e", "xi", 5) in api.broadcasts
-    assert encode_set_expire("e", "xi", 30) in api.broadcasts
+    assert api.changes[:2] == [encode_set_cell("t", "k1", "v1"), encode_set_cell("t", "s2", "7")]
+    assert encode_set_cell("e", "xi", 5) in api.changes
+    assert encode_set_expire("e", "xi", 30) in api.changes
 
 
 def test_rpc_dmqsync() -> None:

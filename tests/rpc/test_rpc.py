@@ -216,7 +216,7 @@ def _cli(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
 
 
 def _curl(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    assert CURL is not None
+    assert CURL is not None, "curl missing: scripts/test.sh installs it"
     return subprocess.run(
         [CURL, "-sS", "--max-time", "5", *args],
         input=data,
@@ -287,7 +287,6 @@ async def test_list_nodes_over_urllib_has_kamailios_shape_and_layout(rig: Rig) -
     assert rows == rig.a.nodes.rpc_list_nodes()
 
 
-@pytest.mark.skipif(CURL is None, reason="curl is not installed (scripts/test.sh installs it)")
 async def test_list_nodes_over_curl(rig: Rig) -> None:
     body = json.dumps(rpc_body("dmq.list_nodes", request_id="c1")).encode()
     proc = await asyncio.to_thread(
@@ -480,7 +479,6 @@ async def test_bad_requests_get_json_rpc_errors_and_the_server_keeps_answering(r
     assert await result_of(rig, "core.version")
 
 
-@pytest.mark.skipif(CURL is None, reason="curl is not installed (scripts/test.sh installs it)")
 async def test_curl_bad_input(rig: Rig, tmp_path: Path) -> None:
     big = tmp_path / "big.json"
     big.write_bytes(b"x" * 1_000_000)
