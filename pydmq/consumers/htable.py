@@ -18,11 +18,8 @@ request at join time. Use it like this::
 
 Replication. A local change of a table with ``dmqreplicate=1`` is applied and sent to every
 active node (Kamailio broadcasts first and applies second; both happen in the same event-loop
-step here). Kamailio applies what it receives in several workers, in no particular order, so
-pydmq does not send a change of a key to a node while an earlier change of the same key (or a
-table-wide removal) is still unanswered there; changes of different keys go out concurrently
-(see :class:`_Outbox`). A change received from a peer is applied to the store directly and never sent again,
-so there are no loops. Every mutation replicates as Kamailio's corresponding call does:
+step here). A change received from a peer is applied to the store directly and never sent
+again, so there are no loops. Every mutation replicates as Kamailio's corresponding call does:
 ``set`` → SET_CELL (+ SET_CELL_EXPIRE when an expiry is given, like ``sht_setxs``), ``incr`` /
 ``decr`` → SET_CELL with the result, ``delete`` → DEL_CELL (even for a missing key, as Kamailio),
 ``set_expire`` → SET_CELL_EXPIRE, ``remove`` → RM_CELL_RE / RM_CELL_SW, and ``flush`` →
@@ -31,6 +28,13 @@ replicated tables equal). Expiry is not replicated: every node runs its own swee
 which is why table definitions must match on every node. Duplicates (UDP retransmissions,
 Kamailio's at-least-once delivery) are harmless: every action is idempotent, and a sync request
 for a node that is already being synced is ignored.
+
+Order. Kamailio applies what it receives in several workers, in no particular order, so two
+changes of one key sent back to back could land the wrong way round. pydmq therefore does not
+send a change of a key to a node while an earlier change of the same key (or a table-wide
+removal) is still unanswered there; changes of different keys go out concurrently (see
+:class:`_Outbox`). Sync groups are not ordered against live changes (as in Kamailio): a change
+made while a sync is running can be overtaken by an older copy of the cell in a sync group.
 
 Sync. With ``dmq_init_sync`` the node broadcasts ``{"action":1}`` once it has joined (the DMQ
 init callback). Every node that gets a sync request answers the requester (or, if the requester
@@ -92,6 +96,7 @@ from pydmq.consumers.htable_store import (
     UnknownTableError,
     Value,
     check_int,
+    check_str,
     compile_posix_re,
 )
 from pydmq.dmq.api import Delivery, DmqApi, load_api
@@ -114,6 +119,8 @@ CHANNEL = "htable"
 MAX_GROUP_BYTES = 64000
 #: Progress lines: at most one per this many cells, per sync.
 PROGRESS_STEP = 10000
+#: Seconds without a sync group from a node after which its next group starts a new count.
+INCOMING_IDLE = 30.0
 #: Replication messages one node may have unanswered at once (different keys only).
 REPLICATION_WINDOW = 32
 #: Replication messages queued for one node that does not answer, before new ones are dropped.
@@ -180,6 +187,7 @@ class _Incoming:
     groups: int = 0
     logged: int = 0
     started: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
 
 
 class HtableService:
@@ -296,6 +304,7 @@ class HtableService:
         """``$shtinc``: add ``delta``; the new value, or None (string cell, or missing without
         ``initval``: nothing changes and nothing is sent, as in Kamailio)."""
         t = self.store.table(table)
+        check_str(key)
         check_int(delta)
         cell = self.store.add(table, key, delta)
         if cell is None or isinstance(cell.value, str):
@@ -311,6 +320,7 @@ class HtableService:
         """``sht_rm`` / ``$sht(...) = $null``: True if the key existed. DEL_CELL goes out either
         way (Kamailio sends it before looking), which also heals a peer that still has it."""
         t = self.store.table(table)
+        check_str(key)
         existed = self.store.delete(table, key)
         self._replicate(t, key, encode_del_cell(table, key))
         return existed
@@ -319,6 +329,7 @@ class HtableService:
         """``$shtex(table=>key) = seconds`` (``<= 0``: never); True if a cell changed. Tables
         without ``autoexpire`` ignore it (but it is still sent, as Kamailio does)."""
         t = self.store.table(table)
+        check_str(key)
         check_int(seconds)
         changed = self.store.set_expire(table, key, seconds)
         self._replicate(t, key, encode_set_expire(table, key, seconds))
@@ -339,6 +350,7 @@ class HtableService:
         t = self.store.table(table)
         if op not in ("re", "sw") or on not in ("name", "value"):
             raise ValueError(f"op must be 're' or 'sw' and on 'name' or 'value', not {op}/{on}")
+        check_str(pattern)
         by_value = on == "value"
         if op == "re":
             compile_posix_re(pattern)  # refuse before anything is sent
@@ -473,7 +485,12 @@ class HtableService:
         self.stats.groups_received += 1
         self.stats.cells_received += applied
         key: object = node.key if node is not None else sender
-        progress = self._incoming.setdefault(key, _Incoming())
+        progress = self._incoming.get(key)
+        now_mono = time.monotonic()
+        if progress is None or now_mono - progress.last > INCOMING_IDLE:
+            # Kamailio's last group may carry cells, so its syncs only end by going quiet
+            progress = self._incoming[key] = _Incoming()
+        progress.last = now_mono
         progress.groups += 1
         progress.cells += applied
         if not bulk.cells:  # the final group of a pydmq sender (Kamailio's may have cells)
@@ -561,7 +578,7 @@ class HtableService:
             return self.settings.sync_group_bytes
         return self.settings.sync_group_bytes_udp
 
-    def _sync_parts(self, keys: Iterable[tuple[str, str]], result: SyncResult) -> Iterator[bytes]:
+    def _sync_parts(self, keys: Iterable[tuple[str, str]]) -> Iterator[bytes]:
         for table, name in keys:
             cell = self.store.sync_cell(table, name)
             if cell is None:
@@ -619,7 +636,7 @@ class HtableService:
                     )
 
         try:
-            for body, count in iter_groups(self._sync_parts(keys, result), limit):
+            for body, count in iter_groups(self._sync_parts(keys), limit):
                 await reap(window - 1)
                 pending[loop.create_task(self._deliver(node, body))] = count
                 result.max_in_flight = max(result.max_in_flight, len(pending))

@@ -132,6 +132,7 @@ def _expire_text(cell: Cell) -> str:
 
 
 def htable_get(service: HtableService, params: list[object]) -> object:
+    """Get one key from a hash table."""
     table = _str(params, 0, _GET_PARAMS)
     key = _str(params, 1, _GET_PARAMS)
     cell = service.get_cell(_table_name(service, table), key)
@@ -148,6 +149,7 @@ def htable_get(service: HtableService, params: list[object]) -> object:
 
 
 def htable_sets(service: HtableService, params: list[object]) -> object:
+    """Set one key in a hash table to a string value."""
     table, key = _str(params, 0, _SET_PARAMS), _str(params, 1, _SET_PARAMS)
     value = _str(params, 2, _SET_PARAMS)
     service.set(_table_name(service, table), key, value)
@@ -155,6 +157,7 @@ def htable_sets(service: HtableService, params: list[object]) -> object:
 
 
 def htable_seti(service: HtableService, params: list[object]) -> object:
+    """Set one key in a hash table to an integer value."""
     table, key = _str(params, 0, _SET_PARAMS), _str(params, 1, _SET_PARAMS)
     value = _int(params, 2, _SET_PARAMS)
     service.set(_table_name(service, table), key, value)
@@ -162,6 +165,7 @@ def htable_seti(service: HtableService, params: list[object]) -> object:
 
 
 def htable_setxs(service: HtableService, params: list[object]) -> object:
+    """Set one key in a hash table to a string value and its expire."""
     table, key = _str(params, 0, _SETX_PARAMS), _str(params, 1, _SETX_PARAMS)
     value = _str(params, 2, _SETX_PARAMS)
     expire = _int(params, 3, _SETX_PARAMS)
@@ -170,6 +174,7 @@ def htable_setxs(service: HtableService, params: list[object]) -> object:
 
 
 def htable_setxi(service: HtableService, params: list[object]) -> object:
+    """Set one key in a hash table to an integer value and its expire."""
     table, key = _str(params, 0, _SETX_PARAMS), _str(params, 1, _SETX_PARAMS)
     value = _int(params, 2, _SETX_PARAMS)
     expire = _int(params, 3, _SETX_PARAMS)
@@ -178,6 +183,7 @@ def htable_setxi(service: HtableService, params: list[object]) -> object:
 
 
 def htable_setex(service: HtableService, params: list[object]) -> object:
+    """Set the expire of one key in a hash table."""
     table, key = _str(params, 0, _SETEX_PARAMS), _str(params, 1, _SETEX_PARAMS)
     expire = _int(params, 2, _SETEX_PARAMS)
     service.set_expire(_table_name(service, table), key, expire)
@@ -185,6 +191,7 @@ def htable_setex(service: HtableService, params: list[object]) -> object:
 
 
 def htable_delete(service: HtableService, params: list[object]) -> object:
+    """Delete one key from a hash table."""
     table, key = _str(params, 0, _DELETE_PARAMS), _str(params, 1, _DELETE_PARAMS)
     if not service.delete(_table_name(service, table), key):
         raise RpcFault(404, "Key not found in htable.")
@@ -212,11 +219,13 @@ def dump_table(store: HtableStore, table: str) -> list[dict[str, object]]:
 
 
 def htable_dump(service: HtableService, params: list[object]) -> object:
+    """Dump the contents of hash table."""
     table = _str(params, 0, _NO_NAME)
     return dump_table(service.store, _table_name(service, table))
 
 
 def htable_list_tables(service: HtableService, params: list[object]) -> object:
+    """List all htables."""
     # Kamailio keeps its tables in a list built by head insertion: last defined first.
     return [
         {
@@ -233,6 +242,7 @@ def htable_list_tables(service: HtableService, params: list[object]) -> object:
 
 
 def htable_stats(service: HtableService, params: list[object]) -> object:
+    """Statistics about htables."""
     out: list[dict[str, object]] = []
     for t in reversed(list(service.store.iter_tables())):
         mask = t.slots - 1
@@ -246,22 +256,24 @@ def htable_stats(service: HtableService, params: list[object]) -> object:
 
 
 def htable_flush(service: HtableService, params: list[object]) -> object:
+    """Flush hash table."""
     table = _str(params, 0, _NO_NAME)
     service.flush(_table_name(service, table))
     return "Ok. Htable flushed."
 
 
 def htable_reload(service: HtableService, params: list[object]) -> object:
-    """There is no database; Kamailio answers this first when it has no ``db_url``."""
+    """Reload hash table (no database here: Kamailio's answer without ``db_url``)."""
     raise RpcFault(500, NO_DB_URL)
 
 
 def htable_store(service: HtableService, params: list[object]) -> object:
+    """Store hash table to database (no database here: Kamailio's answer without ``db_url``)."""
     raise RpcFault(500, NO_DB_URL)
 
 
 def htable_dmqsync(service: HtableService, params: list[object]) -> object:
-    """Ask the other nodes for their replicated tables (all, or the one named)."""
+    """Perform a DMQ sync action: ask the other nodes for their tables (all, or the one named)."""
     table = _str(params, 0, _NO_NAME) if params and params[0] not in (None, "") else None
     if service.api is None:
         raise RpcFault(500, "DMQ replication is not enabled")

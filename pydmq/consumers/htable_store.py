@@ -89,6 +89,8 @@ def check_str(value: str) -> bytes:
     Strings read from the wire keep undecodable bytes as lone surrogates (``surrogateescape``),
     so whatever a Kamailio peer sent comes back out byte for byte.
     """
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
     try:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:

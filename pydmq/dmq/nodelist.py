@@ -23,13 +23,24 @@ Deliberate deviations from Kamailio, each because Kamailio's behaviour is a bug 
   through to the rest of the 408 rules (not_active, or the fail-count thresholds).
 * Events are our own (Kamailio 5.6.3/6.1 has none; master has event routes): one per add, status
   change and removal of a *remote* node, RPC changes included. The local node emits none.
+* No ghosts (``MembershipPolicy.rejoin_holdoff`` > 0, which the runtime sets): for that many
+  seconds after a node was deleted because its pings timed out, an ``active`` line about it from
+  *another* node (a stale list: that node has not noticed the death yet) does not make it active
+  again. It comes back ``disabled`` and is queued for verification (:meth:`NodeList.take_unverified`,
+  which the notification logic pings at once): a 200 from the node makes it active (a restarted
+  node is back within one round trip), a 408 deletes it again. Disabled nodes are neither
+  advertised nor sent to, so a dead node can no longer bounce between the lists of nodes that
+  notice its death at different times (Kamailio re-adds it from every stale list, and with a few
+  nodes it can circulate for as long as their detection times keep overlapping). The node's own
+  line in a request it sent is always taken as is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +97,9 @@ class MembershipPolicy:
     fail_count_threshold_not_active: int = 0
     fail_count_threshold_disabled: int = 1
     notification_addresses: tuple[str, ...] = ()
+    #: Seconds after a node was deleted for not answering during which another node's line
+    #: about it only re-adds it ``disabled``, pending a ping of its own (0: off, as Kamailio).
+    rejoin_holdoff: float = 0.0
 
 
 class RpcFault(Exception):
@@ -108,8 +122,18 @@ class NodeList:
     consistent.
     """
 
-    def __init__(self, local: Node, policy: MembershipPolicy | None = None) -> None:
+    def __init__(
+        self,
+        local: Node,
+        policy: MembershipPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._policy = policy if policy is not None else MembershipPolicy()
+        self._clock = clock
+        #: identity -> clock time until which a third party's line cannot make it active
+        self._buried: dict[NodeKey, float] = {}
+        self._unverified: list[NodeKey] = []
         self._local = dataclasses.replace(local, local=True, status=NodeStatus.ACTIVE)
         self._nodes: list[Node] = [self._local]
         # Our own identity, also as it comes back from a body (udp is never written there), so
@@ -194,6 +218,24 @@ class NodeList:
         events, self._events = self._events, []
         return events
 
+    def take_unverified(self) -> list[Node]:
+        """Nodes re-added ``disabled`` from a stale line since the last call (see the module
+        notes on ghosts): ping them now, the reply decides. Snapshots; each is returned once."""
+        keys, self._unverified = self._unverified, []
+        found = (self._index.get(key) for key in dict.fromkeys(keys))
+        return [n.snapshot() for n in found if n is not None and n.status is NodeStatus.DISABLED]
+
+    def is_buried(self, ref: NodeRef) -> bool:
+        """Deleted for not answering less than ``rejoin_holdoff`` seconds ago."""
+        with contextlib.suppress(NodeError):
+            key = self._key_of(ref)
+            until = self._buried.get(key)
+            if until is not None:
+                if self._clock() < until:
+                    return True
+                del self._buried[key]
+        return False
+
     # ----------------------------------------------------------------- changing
 
     def add(self, node: Node) -> bool:
@@ -201,6 +243,7 @@ class NodeList:
         if node.local or node.key in self._index:
             return False
         self._insert(dataclasses.replace(node, local=False))
+        self._buried.pop(node.key, None)
         return True
 
     def remove(self, ref: NodeRef) -> bool:
@@ -234,12 +277,14 @@ class NodeList:
     ) -> int:
         """Merge a received node list (spec 2.6, 6.1 rules); returns the new-or-changed count.
 
-        Per line: unknown identity -> added with its status (even disabled); known, remote, the
-        line has some URI parameter, a different status, and the stored status is not disabled
-        -> take the line's status, except that only ``sender``'s own line (the node whose request
-        carried the body) may turn a not_active node active again; anything about ourselves ->
-        ignored. Bad lines are appended to ``errors`` (if given) and skipped; nothing here raises
-        on bad input.
+        Per line: unknown identity -> added with its status (even disabled), except a node
+        deleted for not answering less than ``rejoin_holdoff`` ago, which a line other than its
+        own brings back only ``disabled`` and unverified (not counted; see
+        :meth:`take_unverified`); known, remote, the line has some URI parameter, a different
+        status, and the stored status is not disabled -> take the line's status, except that only
+        ``sender``'s own line (the node whose request carried the body) may turn a not_active
+        node active again; anything about ourselves -> ignored. Bad lines are appended to
+        ``errors`` (if given) and skipped; nothing here raises on bad input.
 
         Names already in the list reuse their stored address (Kamailio resolves once per node
         too), so only genuinely new names reach ``resolve``.
@@ -265,7 +310,14 @@ class NodeList:
             key = line_node.key
             current = self._index.get(key)
             if current is None:
+                if key != sender_key and self.is_buried(key):
+                    if line_node.status is NodeStatus.ACTIVE:
+                        line_node.status = NodeStatus.DISABLED
+                        self._insert(line_node)
+                        self._unverified.append(key)
+                    continue
                 self._insert(line_node)
+                self._buried.pop(key, None)
                 changed += 1
             elif (
                 not current.local
@@ -300,6 +352,8 @@ class NodeList:
             protected = self.is_notification_address(current)
             if node.status is NodeStatus.DISABLED and not protected:
                 self._delete(current)
+                if policy.rejoin_holdoff > 0:
+                    self._buried[current.key] = self._clock() + policy.rejoin_holdoff
             elif policy.fail_count_enabled:
                 self._count_failure(current)
             elif protected or not policy.remove_inactive:

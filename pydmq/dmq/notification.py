@@ -215,7 +215,7 @@ class NotificationLogic:
         commands: list[Command] = []
         errors: list[LineError] = []
         if has_content_length:
-            changed = self.nodes.merge(body or b"", self._resolve, errors=errors)
+            changed = self.nodes.merge(body or b"", self._resolve, errors=errors, sender=sender)
             commands.extend(_error_summary(errors, sender))
         else:
             changed = -1
@@ -225,6 +225,7 @@ class NotificationLogic:
         reply = self.body()
         if changed > 0 and mf > 0 and not self.stopped:
             commands.extend(self._send(self.nodes.active_remote(), mf, reply))
+        commands.extend(self._verify())
         commands.extend(self._init_once(self._find(sender)))
         return RequestOutcome(
             200, "OK", CONTENT_TYPE, reply, tuple(commands), changed, tuple(errors)
@@ -240,6 +241,7 @@ class NotificationLogic:
             errors: list[LineError] = []
             self.nodes.merge(body, self._resolve, errors=errors)
             commands.extend(_error_summary(errors, node))
+            commands.extend(self._verify())
         commands.extend(self._init_once(self.nodes.find(node.key)))
         return commands
 
@@ -277,6 +279,14 @@ class NotificationLogic:
                 )
             )
         return commands
+
+    def _verify(self) -> list[Command]:
+        """Ping the nodes a stale line brought back ``disabled`` (NodeList.take_unverified):
+        their own reply decides whether they are alive, at once rather than a ping later."""
+        targets = self.nodes.take_unverified()
+        if not targets or self.stopped:
+            return []
+        return self._send(targets, MF_PING)
 
     def _init_once(self, trigger: Node | None) -> list[Command]:
         if self.init_callbacks_done or self.stopped:

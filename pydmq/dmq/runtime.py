@@ -167,6 +167,9 @@ class DmqNode:
             fail_count_threshold_not_active=d.fail_count_threshold_not_active,
             fail_count_threshold_disabled=d.fail_count_threshold_disabled,
             notification_addresses=tuple(addresses),
+            # Long enough for every peer to notice the death (its first ping timeout), so a
+            # stale list cannot bring a dead node back as active (see nodelist's notes).
+            rejoin_holdoff=2.0 * (d.ping_interval + self.settings.tm.fr_timer),
         )
         self.nodes = NodeList(self.local, policy)
         self.notification = NotificationLogic(self.nodes, resolve_host, channel=self.channel)

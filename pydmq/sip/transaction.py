@@ -34,8 +34,10 @@ RFC 3261 §17.2.3):
         ``ABSORB`` (a retransmission arrived before the application answered; it must not reach
         the application again: Kamailio's DMQ runs its callback twice here, spec §1.5.2, we do
         not), ``RETRANSMISSION`` (alias ``RETRANSMIT``: resend ``verdict.data``, the last
-        response, to the retransmission's source) or ``OVERLOADED`` (the cap on live server
-        transactions is reached: answer 503 statelessly). ACK never creates state.
+        response, to the retransmission's source) or ``OVERLOADED`` (``max_transactions``
+        requests are waiting for their answer: answer 503 statelessly). ACK never creates state.
+        Answered transactions waiting out Timer J also count toward ``max_transactions``, but
+        they never cause a 503: the oldest one is forgotten early to make room (``evicted``).
     ``on_server_response(key, status, data, now) -> list[Action]``
         Records the response the caller is sending itself (the caller knows where responses go,
         §18.2.2). 1xx → Proceeding. Final → Completed for Timer J = 64*T1 (unreliable), or
@@ -43,8 +45,10 @@ RFC 3261 §17.2.3):
         unknown key (expired, overloaded, never created) is ignored: both return ``[]``.
 
 Timers:
-    ``next_deadline() -> float | None`` and ``on_timer(now) -> list[Action]`` (fires everything due,
-    in deadline order).
+    ``next_deadline() -> float | None`` and ``on_timer(now) -> list[Action]`` (fires everything due:
+    client timers in deadline order, then the server ones in deadline order). Client timers live
+    in one heap; the server ones, whose durations are all 64*T1, in two FIFO queues (unanswered
+    guard, Completed linger), so a request costs no heap operation.
 
 Actions: :class:`SendBytes` (client request send or retransmission: send ``data`` to ``dest``),
 :class:`ClientFinal` (exactly once per client transaction; a local 408 has ``response=None``),
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import ClassVar, Final, Protocol
@@ -83,17 +88,19 @@ __all__ = [
 MAGIC_COOKIE: Final = "z9hG4bK"
 
 #: Default cap on live server transactions. Over UDP a transaction lingers 64*T1 = 32 s after the
-#: answer (holding the response bytes), so live ~ request rate * 32 s: 100k (~85 MB with 300-byte
-#: responses) sustains ~3k UDP requests/s. Over TCP/TLS state is dropped at the answer.
+#: answer (holding the response bytes, ~0.6 KB in all with a 300-byte response), so above
+#: 100k / 32 s ~ 3k UDP requests/s the oldest answered ones are forgotten early (``evicted``): a
+#: retransmission of one of them (its answer was lost at least three times in a row, at 20k/s
+#: it is then 5 s old) is handled as a new request, as Kamailio handles every retransmission.
+#: Only unanswered transactions beyond the cap get ``OVERLOADED`` (503). Over TCP/TLS state is
+#: dropped at the answer.
 DEFAULT_MAX_TRANSACTIONS: Final = 100_000
 
-# Heap entry kinds. Client: E retransmit, F timeout, K completed-linger.
-# Server: G unanswered guard, J completed-linger.
+# Heap entry kinds (client transactions only): E retransmit, F timeout, K completed-linger.
+# Server timers (G unanswered guard, J completed-linger) live in FIFO queues, not in the heap.
 _E: Final = 0
 _F: Final = 1
 _K: Final = 2
-_G: Final = 3
-_J: Final = 4
 
 # Rebuild the heap when cancelled entries exceed live ones by this much (keeps it O(live)).
 _COMPACT_SLACK: Final = 4096
@@ -331,15 +338,18 @@ class _Client:
 
 
 class _Server:
-    """One non-INVITE server transaction; ``response`` is the last one sent (None = unanswered)."""
+    """A non-INVITE server transaction until its final response (then only the response bytes
+    are kept, in ``TransactionLayer._done``). ``response`` is the last provisional one sent
+    (None: nothing sent yet); ``deadline`` is when the unanswered guard (64*T1) drops it."""
 
-    __slots__ = ("reliable", "response", "state", "timer")
+    __slots__ = ("deadline", "key", "reliable", "response", "state")
 
-    def __init__(self, reliable: bool) -> None:
+    def __init__(self, key: str, reliable: bool, deadline: float) -> None:
+        self.key = key
         self.reliable = reliable
+        self.deadline = deadline
         self.state = ServerState.TRYING
         self.response: bytes | None = None
-        self.timer = 0
 
 
 # ---------------------------------------------------------------------------------- the layer
@@ -349,8 +359,10 @@ class TransactionLayer:
     """All client and server non-INVITE transactions of one endpoint, driven by the caller.
 
     ``max_transactions`` caps live *server* transactions so a request flood cannot grow memory
-    without bound; beyond it :meth:`on_request` returns ``OVERLOADED``. (Client transactions are
-    only created by this node, so their number is bounded by its own sending.)
+    without bound: when that many are waiting for their answer :meth:`on_request` returns
+    ``OVERLOADED``; when answered ones (kept for Timer J) fill the room, the oldest answered one
+    is forgotten to make room for the new request (counted in ``evicted``). (Client transactions
+    are only created by this node, so their number is bounded by its own sending.)
     An unanswered server transaction is dropped after 64*T1 (by then every RFC client has given
     up), so an application that never replies cannot leak state either.
     """
@@ -368,7 +380,14 @@ class TransactionLayer:
         self.max_transactions = max_transactions
         self.immediate_408_on_transport_error = immediate_408_on_transport_error
         self._clients: dict[str, _Client] = {}
+        #: Server transactions not answered yet (Trying/Proceeding).
         self._servers: dict[str, _Server] = {}
+        #: Every _Server in arrival order (= guard deadline order); answered ones are skipped.
+        self._guard: deque[_Server] = deque()
+        #: Completed server transactions: key -> final response, in completion order.
+        self._done: dict[str, bytes] = {}
+        #: (Timer J deadline, key) of every entry of ``_done``, in the same order.
+        self._linger: deque[tuple[float, str]] = deque()
         # (deadline, seq, key, kind); an entry is live iff its seq is in _live.
         self._heap: list[tuple[float, int, str, int]] = []
         self._live: set[int] = set()
@@ -385,6 +404,7 @@ class TransactionLayer:
         self.overloaded = 0  # OVERLOADED verdicts
         self.server_unanswered = 0  # server transactions dropped without a final response
         self.discarded_responses = 0  # finals after the first final, or for unknown keys
+        self.evicted = 0  # answered server transactions forgotten before Timer J (at the cap)
 
     # ------------------------------------------------------------------------------ introspection
 
@@ -395,8 +415,8 @@ class TransactionLayer:
 
     @property
     def live_servers(self) -> int:
-        """Server transactions not yet terminated."""
-        return len(self._servers)
+        """Server transactions not yet terminated (unanswered, or answered within Timer J)."""
+        return len(self._servers) + len(self._done)
 
     def client_state(self, branch: str) -> ClientState | None:
         """State of a client transaction, ``None`` once terminated (or never started)."""
@@ -406,7 +426,9 @@ class TransactionLayer:
     def server_state(self, key: str) -> ServerState | None:
         """State of a server transaction, ``None`` once terminated (or never created)."""
         tx = self._servers.get(key)
-        return None if tx is None else tx.state
+        if tx is not None:
+            return tx.state
+        return ServerState.COMPLETED if key in self._done else None
 
     def match_client(self, branch: str, cseq_method: str) -> bool:
         """Whether a response with this branch and CSeq method belongs to a live transaction."""
@@ -417,9 +439,11 @@ class TransactionLayer:
         """Counters and gauges for monitoring."""
         return {
             "clients_live": len(self._clients),
-            "servers_live": len(self._servers),
+            "servers_live": len(self._servers) + len(self._done),
+            "servers_unanswered": len(self._servers),
             "timers_pending": len(self._live),
             "heap_size": len(self._heap),
+            "server_timer_queue": len(self._guard) + len(self._linger),
             "retransmissions": self.retransmissions,
             "timeouts": self.timeouts,
             "transport_errors": self.transport_errors,
@@ -430,6 +454,7 @@ class TransactionLayer:
             "overloaded": self.overloaded,
             "server_unanswered": self.server_unanswered,
             "discarded_responses": self.discarded_responses,
+            "evicted": self.evicted,
         }
 
     # -------------------------------------------------------------------------------------- client
@@ -518,14 +543,23 @@ class TransactionLayer:
                 return _ABSORB
             self.response_retransmissions += 1
             return ServerVerdict(VerdictKind.RETRANSMISSION, tx.response)
+        done = self._done.get(key)
+        if done is not None:
+            self.response_retransmissions += 1
+            return ServerVerdict(VerdictKind.RETRANSMISSION, done)
         if method == "ACK":
             return _NEW
-        if len(self._servers) >= self.max_transactions:
+        servers = self._servers
+        cap = self.max_transactions
+        if len(servers) >= cap:
             self.overloaded += 1
             return _OVERLOADED
-        tx = _Server(reliable)
-        self._servers[key] = tx
-        tx.timer = self._push(now + self._timer_j, key, _G)
+        if len(servers) + len(self._done) >= cap:
+            # Room for the new request: forget the oldest answered transaction.
+            del self._done[self._linger.popleft()[1]]
+            self.evicted += 1
+        tx = servers[key] = _Server(key, reliable, now + self._timer_j)
+        self._guard.append(tx)
         return _NEW
 
     def on_server_response(self, key: str, status: int, data: bytes, now: float) -> list[Action]:
@@ -536,19 +570,20 @@ class TransactionLayer:
         if not 100 <= status <= 699:
             raise ValueError(f"invalid response status {status}")
         tx = self._servers.get(key)
-        if tx is None or tx.state is ServerState.COMPLETED:
+        if tx is None:  # answered already, expired, overloaded or never created
             self.discarded_responses += 1
             return []
-        tx.response = data
         if status < 200:
+            tx.response = data
             tx.state = ServerState.PROCEEDING
             return []
-        tx.state = ServerState.COMPLETED
-        self._cancel(tx.timer)
+        del self._servers[key]
+        tx.state = ServerState.COMPLETED  # its guard entry is skipped from now on
+        tx.response = None
         if tx.reliable:
-            del self._servers[key]
             return [Terminated(key, server=True)]
-        tx.timer = self._push(now + self._timer_j, key, _J)
+        self._done[key] = data
+        self._linger.append((now + self._timer_j, key))
         return []
 
     # -------------------------------------------------------------------------------------- timers
@@ -558,10 +593,21 @@ class TransactionLayer:
         heap, live = self._heap, self._live
         while heap and heap[0][1] not in live:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        best = heap[0][0] if heap else None
+        guard = self._guard
+        while guard and guard[0].state is ServerState.COMPLETED:
+            guard.popleft()  # answered: its guard is moot (cheap, usually the head)
+        if guard and (best is None or guard[0].deadline < best):
+            best = guard[0].deadline
+        linger = self._linger
+        if linger and (best is None or linger[0][0] < best):
+            best = linger[0][0]
+        return best
 
     def on_timer(self, now: float) -> list[Action]:
-        """Fire every timer due at ``now`` (in deadline order) and return the resulting actions."""
+        """Fire every timer due at ``now`` and return the resulting actions: client timers in
+        deadline order, then unanswered server transactions dropped by their 64*T1 guard, then
+        answered ones at the end of Timer J."""
         actions: list[Action] = []
         heap, live = self._heap, self._live
         while heap and heap[0][0] <= now:
@@ -569,16 +615,22 @@ class TransactionLayer:
             if seq not in live:
                 continue
             live.remove(seq)
-            if kind <= _K:
-                client = self._clients.get(key)
-                if client is not None:
-                    self._fire_client(client, key, kind, deadline, now=now, out=actions)
-            else:
-                server = self._servers.pop(key, None)
-                if server is not None:
-                    if kind == _G:
-                        self.server_unanswered += 1
-                    actions.append(Terminated(key, server=True))
+            client = self._clients.get(key)
+            if client is not None:
+                self._fire_client(client, key, kind, deadline, now=now, out=actions)
+        guard = self._guard
+        while guard and guard[0].deadline <= now:
+            tx = guard.popleft()
+            if tx.state is not ServerState.COMPLETED:
+                tx.state = ServerState.COMPLETED
+                del self._servers[tx.key]
+                self.server_unanswered += 1
+                actions.append(Terminated(tx.key, server=True))
+        linger, done = self._linger, self._done
+        while linger and linger[0][0] <= now:
+            key = linger.popleft()[1]
+            del done[key]
+            actions.append(Terminated(key, server=True))
         return actions
 
     def _fire_client(

@@ -832,3 +832,92 @@ def test_rpc_dmqsync() -> None:
         rpc["htable.dmqsync"](["nosuch"])
     assert info.value.message == "No such htable"
     assert api.broadcasts == [encode_sync_request(), encode_sync_request("t")]
+
+
+# ---- replication order ----------------------------------------------------------------------
+
+
+def _touches(body: bytes) -> tuple[str | None, str | None]:
+    message = decode(body)
+    assert isinstance(message, Action)
+    return message.htname, message.cname
+
+
+async def test_changes_of_one_key_are_never_in_flight_together() -> None:
+    """Kamailio applies concurrent requests in any order: a key's next change waits for the
+    reply to its previous one, a table-wide removal for everything in that table."""
+    svc, api = replicating(T, E)
+    api.delay = 0.002
+    conflicts: list[tuple[bytes, bytes]] = []
+    send = api.send_message
+
+    def watching(peer: Any, body: bytes, node: Any, **kw: Any) -> Any:
+        table, key = _touches(body)
+        for other in api.pending:
+            t, k = _touches(other)
+            if t == table and (k is None or key is None or k == key):
+                conflicts.append((other, body))
+        return send(peer, body, node, **kw)
+
+    api.send_message = watching  # type: ignore[method-assign]
+    svc.set("t", "k", 41)
+    svc.incr("t", "k")
+    for i in range(40):
+        svc.set("t", f"o{i}", i)
+    svc.set("e", "x", "y", expire=5)
+    svc.remove("t", "^o1", op="re")
+    svc.set("t", "k", "last")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(api.sent) < 46 or api.in_flight:
+        assert loop.time() < deadline, api.sent
+        await asyncio.sleep(0.005)
+    assert conflicts == []
+    assert [b for b in api.sent if _touches(b) == ("t", "k")] == [
+        encode_set_cell("t", "k", 41),
+        encode_set_cell("t", "k", 42),
+        encode_set_cell("t", "k", "last"),
+    ]
+    removal = api.sent.index(encode_remove("t", "^o1", prefix=False, by_value=False))
+    assert all(encode_set_cell("t", f"o{i}", i) in api.sent[:removal] for i in range(40))
+    assert 4 < api.max_in_flight <= 32
+    assert svc.stats.replicated == 46 and svc.stats.replication_dropped == 0
+
+
+async def test_a_silent_node_holds_a_bounded_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pydmq.consumers.htable.REPLICATION_QUEUE", 5)
+    svc, api = replicating()
+    api.delay = 3600  # never answers within the test
+    for i in range(50):
+        svc.set("t", "same", i)  # one key: one in flight, the rest queued
+    assert api.sent == [encode_set_cell("t", "same", 0)]
+    assert svc.stats.replication_dropped == 44
+    await svc.close()
+
+
+@needs_golden
+async def test_rpc_through_the_dispatcher_is_byte_exact() -> None:
+    """pydmq's JSON-RPC layer prints htable results exactly as jsonrpcs does."""
+    from pydmq.rpc.protocol import Dispatcher, MethodTable  # noqa: PLC0415 (another layer)
+
+    svc = service()
+    for key, value in (("k1", "v1"), ("k2", "v2"), ("n1", 42)):
+        svc.set("t", key, value)
+    table = MethodTable().update(rpc_methods(svc))
+    assert table.get("htable.get").doc == "Get one key from a hash table."  # type: ignore[union-attr]
+    dispatcher = Dispatcher(table)
+    for request, golden in [
+        (b'{"jsonrpc":"2.0","method":"htable.dump","params":["t"],"id":17068}',
+         "jsonrpc_htable.dump_node3.json"),
+        (b'{"jsonrpc":"2.0","method":"htable.get","params":["t","k1"],"id":16964}',
+         "jsonrpc_htable.get_node2.json"),
+    ]:  # fmt: skip
+        reply = await dispatcher.handle(request)
+        assert reply.body == (GOLDEN / golden).read_bytes().rstrip(b"\n")
+    reply = await dispatcher.handle(
+        b'{"jsonrpc":"2.0","method":"htable.get","params":["t"],"id":1}'
+    )
+    assert json.loads(reply.body)["error"] == {
+        "code": 500,
+        "message": "Not enough parameters (htable name and key name)",
+    }

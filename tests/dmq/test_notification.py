@@ -828,6 +828,41 @@ def test_cluster_seed_death_and_restart() -> None:
     assert c.inits[b] == 1
 
 
+def test_cluster_dead_seed_stays_not_active_with_two_survivors() -> None:
+    """Survivors whose pings are out of phase: the one that has not noticed yet still lists the
+    seed as active, which must not flip the other's not_active entry back (no flapping)."""
+    c = Cluster()
+    b = c.boot(B_URI)
+    a = c.boot(A_URI, B_URI)
+    cc = c.boot(C_URI, B_URI)
+    c.kill(b)
+    c.run(a, c.logic[a].on_ping_timer())  # A notices first
+    assert c.view(a)[b] is N and c.view(cc)[b] is A
+    c.run(cc, c.logic[cc].on_ping_timer())  # C pings A with "B active", then notices itself
+    assert c.view(a)[b] is N and c.view(cc)[b] is N
+    for _ in range(3):
+        c.tick()
+    assert c.view(a)[b] is N and c.view(cc)[b] is N
+    assert [e.kind for e in c.logic[a].nodes.drain_events() if e.node_uri == B_URI] == [
+        "up",
+        "down",
+    ]
+
+
+def test_cluster_not_active_node_revived_by_its_own_request() -> None:
+    """A node kept as not_active that comes back and asks for the list is active again at once
+    (its own line in its own request), not only after the next ping."""
+    c = Cluster()
+    b = c.boot(B_URI, remove_inactive=False)
+    a = c.boot(A_URI, B_URI, remove_inactive=False)
+    c.kill(a)
+    c.run(b, c.logic[b].on_ping_timer())
+    assert c.view(b)[a] is N
+    c.logic.pop(a)
+    c.boot(A_URI, B_URI, remove_inactive=False)  # its request-node-list reaches B
+    assert c.view(b)[a] is A
+
+
 def test_cluster_fail_count_policy() -> None:
     c = Cluster()
     b = c.boot(B_URI, fail_count_enabled=True)

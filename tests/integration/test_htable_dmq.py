@@ -83,13 +83,15 @@ class PyCluster:
         tables: Iterable[str] = (T, E),
         clock: Callable[[], float] = time.time,
         tm: dict[str, float] | None = None,
+        transport: str = "udp",
         **htable: Any,
     ) -> tuple[DmqNode, HtableService]:
         port = free_port("both")
+        suffix = "" if transport == "udp" else f";transport={transport}"
         settings, _warnings = settings_from_mapping(
             {
                 "dmq": {
-                    "server_address": f"sip:127.0.0.1:{port}",
+                    "server_address": f"sip:127.0.0.1:{port}{suffix}",
                     "notification_address": list(seeds),
                     "ping_interval": 5,
                 },
@@ -255,7 +257,48 @@ async def test_late_joiner_gets_100k_cells(
     lines = [r.getMessage() for r in caplog.records]
     assert any("/100001 cells" in line for line in lines)  # sender progress
     assert any("sync from" in line and "complete: 100001 cells" in line for line in lines)
-    assert elapsed < 30
+
+
+async def test_bad_input_over_the_wire(py: PyCluster) -> None:
+    """Kamailio's answers (capture 13: ``400 Bad Request``), nothing applied, node unharmed."""
+    node, p = await py.start()
+    p.set("t", "keep", "me")
+    port = node.local.port
+    assert port is not None
+
+    async def send(body: bytes) -> tuple[int, str]:
+        def build(local: tuple[str, int]) -> bytes:
+            return build_request(
+                "KDMQ",
+                f"sip:htable@127.0.0.1:{port}",
+                local=local,
+                from_uri=f"sip:htable@127.0.0.1:{local[1]}",
+                headers=[("Content-Type", "application/json")],
+                body=body,
+                max_forwards=1,
+            )
+
+        reply = await asyncio.to_thread(udp_request, "127.0.0.1", port, build, timeout=5.0)
+        return reply.code, reply.reason
+
+    cells = ",".join(f'{{"htname":"t","cname":"c{i}","type":0,"intval":{i}}}' for i in range(900))
+    for body, answer in [
+        (b"not json", (400, "Bad Request")),
+        (b"{}", (400, "Bad Request")),
+        (b"", (400, "Bad Request")),
+        (b'{"action":9,"htname":"t","cname":"keep","mode":0}', (500, "Server Internal Error")),
+        (b'{"action":4,"htname":"nosuch","cname":"keep","mode":0}', (500, "Server Internal Error")),
+        (b'{"action":4,"htname":["t"],"cname":"keep","mode":0}', (400, "Bad Request")),
+        (b'{"action":4,"htname":"t","cname":"keep","mode":0,"x":1}', (400, "Bad Request")),
+        # a 40 KB group whose last cell is broken: none of the 900 cells is applied
+        (f'{{"cells":[{cells},{{"htname":"t","cname":"bad","type":2}}]}}'.encode(),
+         (400, "Bad Request")),
+    ]:  # fmt: skip
+        assert await send(body) == answer, body[:60]
+    assert table_state(p, "t") == {"keep": "me"}
+    assert await send(b'{"action":4,"htname":"t","cname":"keep","mode":0}') == (200, "OK")
+    assert p.get("t", "keep") is None
+    assert (p.stats.received_bad, p.stats.received_error, p.stats.received_ok) == (6, 2, 1)
 
 
 # ---- mixed with Kamailio 5.6.3 --------------------------------------------------------------
@@ -277,7 +320,10 @@ async def _script(k: KamailioNode, op: str, **headers: str) -> None:
     def build(local: tuple[str, int]) -> bytes:
         return build_request("MESSAGE", f"sip:ht@{k.host}:{k.port}", local=local, headers=hdrs)
 
-    reply = await asyncio.to_thread(udp_request, k.host, k.port, build, timeout=5.0)
+    # no retransmission: Kamailio's script is stateless and would run the operation twice
+    reply = await asyncio.to_thread(
+        udp_request, k.host, k.port, build, timeout=10.0, retransmit=None
+    )
     assert (reply.code, reply.reason) == (200, f"done {op}"), reply
 
 
@@ -308,6 +354,8 @@ async def test_kamailio_and_pydmq_replicate_both_ways(cluster: Cluster, py: PyCl
     for key, value in (("quote", 'a "b" \\c/é'), ("ctl", "tab\tnl")):
         await asyncio.to_thread(k.rpc_result, "htable.sets", "t", key, value)
     await asyncio.to_thread(k.rpc_result, "htable.seti", "t", "num", -7)
+    await asyncio.to_thread(k.rpc_result, "htable.setxs", "e", "pre", "v", 40)
+    pre_at = time.time()
     want = await asyncio.to_thread(_kamailio_table, k, "t")
     assert len(want) == 1503
 
@@ -315,6 +363,8 @@ async def test_kamailio_and_pydmq_replicate_both_ways(cluster: Cluster, py: PyCl
     node, p = await py.start(seeds=[k.uri], tm={})
     await until(lambda: table_state(p, "t") == want, timeout=15, what="Kamailio's table on pydmq")
     assert p.stats.received_bad == p.stats.received_error == 0
+    # the absolute expiry epoch travels in the sync group
+    assert abs(p.get_cell("e", "pre").expire - (pre_at + 40)) <= 2  # type: ignore[union-attr]
 
     # -- Kamailio -> pydmq ---------------------------------------------------------------------
     await asyncio.to_thread(k.rpc_result, "htable.sets", "t", "ks", "from kamailio")
@@ -380,13 +430,18 @@ async def test_kamailio_and_pydmq_replicate_both_ways(cluster: Cluster, py: PyCl
 
 
 @pytest.mark.kamailio
-async def test_kamailio_joining_late_gets_pydmqs_table(cluster: Cluster, py: PyCluster) -> None:
-    node, p = await py.start(tm={})
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_kamailio_joining_late_gets_pydmqs_table(
+    cluster: Cluster, py: PyCluster, transport: str
+) -> None:
+    """Over TCP the groups stay below Kamailio's default 16 KB TCP read buffer."""
+    node, p = await py.start(tm={}, transport=transport)
     for i in range(3000):
         p.store.set("t", f"py-{i}", f'v"{i}"\\é' if i % 3 else i)
     p.store.set("e", "x", "y")
     k = await cluster.kamailio(
-        "late",
+        f"late-{transport}",
+        dmq_transport=transport,  # type: ignore[arg-type]
         notification_addresses=[uri(node)],
         htable=True,
         htable_def=T + ";",
@@ -398,8 +453,15 @@ async def test_kamailio_joining_late_gets_pydmqs_table(cluster: Cluster, py: PyC
         timeout=20,
         what="pydmq's table on the late Kamailio node",
     )
-    assert _kamailio_get(k, "e", "x") is not None
+    item = _kamailio_get(k, "e", "x")
+    assert item is not None and item["value"] == "y"
+    assert abs(_epoch(item["expire"]) - p.get_cell("e", "x").expire) <= 1  # type: ignore[union-attr]
     (result,) = p.sync_results
     assert result.ok and result.cells_sent == 3001
-    assert result.groups_sent > 100 and result.max_in_flight <= p.settings.sync_window
+    assert result.max_in_flight <= p.settings.sync_window
+    limit = p.settings.sync_group_bytes_udp if transport == "udp" else p.settings.sync_group_bytes
+    assert result.groups_sent > 3001 * 40 // limit
+    got = [m for m in k.received("kdmq", "htable") if m.body.startswith(b'{"cells"')]
+    assert len(got) >= result.groups_sent and {m.proto for m in got} == {transport}
+    assert max(len(m.body) for m in got) <= limit
     assert await asyncio.to_thread(_htable_problems, k) == []

@@ -25,8 +25,11 @@ import pytest
 from pydmq import cli
 from pydmq.dmq.api import load_api
 from pydmq.dmq.node import NodeStatus, build_node
+from pydmq.dmq.nodelist import RpcFault
 from pydmq.dmq.peer import PeerResponse
 from pydmq.dmq.runtime import DmqNode
+from pydmq.rpc import client as rpc_client
+from pydmq.rpc.methods import build_methods
 from pydmq.script import (
     Msg,
     ScriptError,
@@ -39,8 +42,9 @@ from pydmq.script import (
     load_script,
     send_message,
 )
-from pydmq.sip.message import Request, parse_message
-from tests.support.cluster import Cluster, EventRecorder, uri_of, wait_joined
+from pydmq.sip.message import Request, make_response, parse_message
+from pydmq.sip.transport import Address
+from tests.support.cluster import Cluster, EventRecorder, eventually, uri_of, wait_joined
 from tests.support.net import SipReply, build_request, free_port, parse_reply
 
 pytestmark = pytest.mark.timeout(30)
@@ -170,7 +174,12 @@ async def nothing_more(node: DmqNode, client: UdpPeer) -> None:
     assert (reply.code, reply.header("CSeq")) == (200, "1 OPTIONS"), reply
 
 
-def options_200(msg: Msg) -> bool:
+def dmq_basics(msg: Msg) -> bool:
+    """What every route here starts with: KDMQ -> dmq_handle_message (membership needs it),
+    OPTIONS -> 200. True when the request was taken care of."""
+    if msg.method == "KDMQ":
+        msg.dmq_handle_message()
+        return True
     if msg.method == "OPTIONS":
         msg.reply(200, "OK")
         return True
@@ -185,7 +194,7 @@ async def test_msg_exposes_the_request_and_replies(cluster: Cluster, peers: Any)
     seen: list[dict[str, Any]] = []
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         h = msg.headers
         seen.append(
@@ -253,7 +262,7 @@ async def test_msg_ruser_of_a_uri_without_user_and_bad_reply_codes(
     seen: list[Any] = []
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         seen.append(msg.ruser)
         with pytest.raises(ValueError):
@@ -273,7 +282,7 @@ async def test_drop_sends_nothing(cluster: Cluster, peers: Any) -> None:
     after_drop: list[bool] = []
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         msg.drop()
         after_drop.append(msg.reply(200, "After Drop"))  # ignored
@@ -315,7 +324,8 @@ def kdmq_route(results: list[tuple[str, int, bool]]) -> ScriptRoute:
     right after the call)."""
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if msg.method == "OPTIONS":
+            msg.reply(200, "OK")
             return
         fn = msg.headers.get("X-Fn", "handle")
         cont = msg.headers.get("X-Continue")
@@ -403,7 +413,7 @@ def action_route(results: list[dict[str, Any]]) -> ScriptRoute:
     Records the rc and how many datagrams the node sent during the call."""
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         h = msg.headers
         action = h.get("X-Action", "")
@@ -431,9 +441,9 @@ def action_route(results: list[dict[str, Any]]) -> ScriptRoute:
     return ScriptRoute(route)
 
 
-async def act(node: DmqNode, client: UdpPeer, action: str, body: str = "", **headers: str) -> int:
+async def act(dmq: DmqNode, client: UdpPeer, action: str, body: str = "", /, **headers: str) -> int:
     hdrs = [("X-Action", action)] + [(f"X-{k.capitalize()}", v) for k, v in headers.items()]
-    reply = await ask(node, client, "MESSAGE", headers=hdrs, body=body)
+    reply = await ask(dmq, client, "MESSAGE", headers=hdrs, body=body)
     assert reply.code == 200 and reply.reason.startswith("rc "), reply
     return int(reply.reason[3:])
 
@@ -525,21 +535,27 @@ async def test_send_message_ignores_status_and_uses_the_notification_callback(
     assert a.nodes.find(node.key) is None
 
 
-async def test_send_message_reply_200_marks_the_node_active(cluster: Cluster, peers: Any) -> None:
+async def test_send_message_reply_200_marks_the_node_active_and_is_read_as_a_node_list(
+    cluster: Cluster, peers: Any
+) -> None:
     results: list[dict[str, Any]] = []
     a = await cluster.start(route=action_route(results), ping_interval=60)
-    b = await cluster.start(seeds=[a], ping_interval=60)
-    await wait_joined([a, b])
-    load_api(b).register_peer("ch", "test", lambda _r, _n: PeerResponse(200, "OK"))
-    key = b.local.key
-    assert a.nodes.set_status(key, NodeStatus.NOT_ACTIVE)
-    client = await peers()
     rec = cluster.recorder(a)
-    since = rec.mark()
-    assert await act(a, client, "send", "x", channel="ch", node=uri_of(b)) == 1
-    await rec.wait_for(b, "up", timeout=3, since=since)
-    found = a.nodes.find(key)
+    peer = await peers(NODE_IP)  # a node that answers by hand
+    node = build_node(peer.uri)
+    node.status = NodeStatus.NOT_ACTIVE
+    a.nodes.add(node)
+    client = await peers()
+    assert await act(a, client, "send", "x", channel="ch", node=peer.uri) == 1
+    request = await peer.request()
+    listed = f"sip:127.0.0.9:{free_port()}"
+    body = f"{listed};status=active\r\n".encode()
+    response = make_response(request, 200, "OK", body=body, content_type="text/plain")
+    peer.send(response.to_bytes(), a.local.port)
+    await rec.wait_for(peer.uri, "up", timeout=3)
+    found = a.nodes.find(node.key)
     assert found is not None and found.status is NodeStatus.ACTIVE
+    assert a.nodes.find(build_node(listed).key) is not None  # merged from the reply body
 
 
 async def test_bcast_message(cluster: Cluster, peers: Any) -> None:
@@ -630,20 +646,22 @@ async def test_is_from_node(cluster: Cluster, peers: Any) -> None:
 
 
 def recording_route(
-    seen: list[Request], reason: str = "B-OK", replicate: bool = False
+    seen: list[Request], reason: str = "B-OK", replicate: bool = False, rcs: list[Msg] | None = None
 ) -> ScriptRoute:
-    """REGISTER -> (dmq_t_replicate() first if asked) record it, answer 200 ``reason``."""
+    """Anything but KDMQ/OPTIONS -> (``dmq_t_replicate()`` first if ``replicate``; the Msg goes
+    to ``rcs``) record the request, answer 200 ``reason``."""
 
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
-        if msg.method == "REGISTER":
-            if replicate:
-                msg.dmq_t_replicate()
-            seen.append(msg.request)
+        if replicate:
+            rc = msg.dmq_t_replicate()
+            if rcs is not None:
+                rcs.append(msg)
+            msg.reply(200, f"{reason} rc {rc}")
+        else:
             msg.reply(200, reason)
-            return
-        msg.reply(404, "Not Here")
+        seen.append(msg.request)
 
     return ScriptRoute(route)
 
@@ -659,7 +677,7 @@ async def test_t_replicate_forwards_once_to_every_active_node_and_absorbs_the_re
             results.append({"rc": rc, "msg": msg})
             msg.reply(200, f"A rc {rc}")
         else:
-            options_200(msg)
+            dmq_basics(msg)
 
     a = await cluster.start(route=ScriptRoute(route_a), ping_interval=60)
     seen_b: list[Request] = []
@@ -750,25 +768,24 @@ async def test_t_replicate_without_active_nodes_is_zero(cluster: Cluster, peers:
 async def test_two_replicating_nodes_do_not_ping_pong(cluster: Cluster, peers: Any) -> None:
     seen_a: list[Request] = []
     seen_b: list[Request] = []
-    a = await cluster.start(route=recording_route(seen_a, "A", replicate=True), ping_interval=60)
+    msgs_a: list[Msg] = []
+    msgs_b: list[Msg] = []
+    a = await cluster.start(
+        route=recording_route(seen_a, "A", replicate=True, rcs=msgs_a), ping_interval=60
+    )
     b = await cluster.start(
-        seeds=[a], route=recording_route(seen_b, "B", replicate=True), ping_interval=60
+        seeds=[a], route=recording_route(seen_b, "B", replicate=True, rcs=msgs_b), ping_interval=60
     )
     await wait_joined([a, b])
     client = await peers()
     reply = await ask(a, client, "REGISTER", user="alice")
-    assert reply.reason == "A"
-    while not seen_b:  # B's route runs when A's copy arrives; bounded by the test timeout
-        await asyncio.sleep(0.01)
-    # A's own transaction ended with B's 200, and B started none (the loop test held)
-    await asyncio.wait_for(_until(lambda: a.endpoint.layer.live_clients == 0), 2)
-    assert b.endpoint.layer.live_clients == 0
+    assert reply.reason == "A rc 0"
+    (status, response) = await asyncio.wait_for(msgs_a[0].replications[0], 2)
+    # B's route ran (it answered A's copy): its dmq_t_replicate() saw A's IP and returned -1
+    assert (status, response and response.reason) == (200, "B rc -1")
+    assert msgs_b[0].replications == []
     assert (len(seen_a), len(seen_b)) == (1, 1)
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await asyncio.sleep(0.01)
+    await nothing_more(a, client)
 
 
 async def test_t_replicate_retransmits_and_ends_in_a_local_408(
@@ -803,7 +820,7 @@ async def test_t_replicate_error_is_minus_one(cluster: Cluster, peers: Any) -> N
 
 async def test_t_replicate_from_an_async_route(cluster: Cluster, peers: Any) -> None:
     async def route_a(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         rc = dmq_t_replicate(msg)  # the module function
         outcomes = await asyncio.gather(*msg.replications)
@@ -827,7 +844,7 @@ async def test_script_errors_answer_500_and_are_logged_once(
     cluster: Cluster, peers: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     def route(msg: Msg) -> None:
-        if options_200(msg):
+        if dmq_basics(msg):
             return
         what = msg.headers.get("X-What")
         if what == "reply-then-raise":
@@ -995,12 +1012,12 @@ def request_route(msg):
 """
 
 
-async def _options_reason(port: int, client: UdpPeer) -> str | None:
-    client.send(build_request("OPTIONS", f"sip:{NODE_IP}:{port}", local=client.local), port)
+def _rpc_ready(address: str) -> bool:
     try:
-        return (await client.reply(timeout=0.2)).reason
-    except TimeoutError:
-        return None
+        rpc_client.request("core.version", http=address, timeout=0.5)
+    except rpc_client.RpcClientError:
+        return False
+    return True
 
 
 async def test_cli_run_with_script_and_send_bcast(
@@ -1038,13 +1055,16 @@ async def test_cli_run_with_script_and_send_bcast(
         start_new_session=True,
     )
     try:
-        client = await peers()
+        # ready once the JSON-RPC listener answers (it starts after the SIP sockets)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
-        while (reason := await _options_reason(port, client)) is None:
+        while not await asyncio.to_thread(_rpc_ready, rpc):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert loop.time() < deadline, "pydmq run did not answer OPTIONS"
-        assert reason == "From Script"
+            assert loop.time() < deadline, "pydmq run did not start its JSON-RPC listener"
+            await asyncio.sleep(0.05)  # poll interval: nothing announces the listener
+        client = await peers()
+        reply = await ask_port(port, client, "OPTIONS")
+        assert (reply.code, reply.reason) == (200, "From Script")
         reply = await ask_port(port, client, "MESSAGE")
         assert (reply.code, reply.reason) == (404, "Script Says No")
 
@@ -1093,3 +1113,124 @@ async def test_cli_run_with_script_and_send_bcast(
 async def ask_port(port: int, client: UdpPeer, method: str) -> SipReply:
     client.send(build_request(method, f"sip:x@{NODE_IP}:{port}", local=client.local), port)
     return await client.reply()
+
+
+# ---------------------------------------------------------------------------------------------
+# the JSON-RPC methods behind pydmq send / bcast
+
+
+async def test_rpc_send_and_bcast_methods(cluster: Cluster) -> None:
+    a = await cluster.start(ping_interval=60)
+    table = build_methods(a)
+
+    def call(name: str, *params: object) -> object:
+        method = table.get(name)
+        assert method is not None
+        return method.handler(list(params))
+
+    def fault(name: str, *params: object) -> tuple[int, str]:
+        with pytest.raises(RpcFault) as info:
+            call(name, *params)
+        return info.value.code, info.value.message
+
+    assert call("dmq.bcast_message", "ch", "body") == {"rc": 1, "sent": 0}
+    assert fault("dmq.bcast_message", "ch") == (500, "Invalid Parameters")
+    assert fault("dmq.bcast_message", "", "x")[1].startswith("Invalid Channel")
+    assert fault("dmq.send_message", "ch", "sip:127.0.0.1") == (500, "Invalid Parameters")
+    missing = f"sip:{NODE_IP}:{free_port()}"
+    assert fault("dmq.send_message", "ch", missing, "x") == (500, f"Node Not Found: {missing}")
+    assert fault("dmq.send_message", "ch", "nope", "x")[1].startswith("Invalid Node URI")
+    b = await cluster.start(seeds=[a], ping_interval=60)
+    await wait_joined([a, b])
+    got: asyncio.Queue[Request] = asyncio.Queue()
+
+    def on(request: Request, _node: Any) -> PeerResponse:
+        got.put_nowait(request)
+        return PeerResponse(200, "OK")
+
+    load_api(b).register_peer("ch", "test", on)
+    assert call("dmq.send_message", "ch", uri_of(b), "one", "app/one") == {"rc": 1, "sent": 1}
+    request = await asyncio.wait_for(got.get(), 2)
+    assert (request.body, request.content_type) == (b"one", "app/one")
+    assert call("dmq.bcast_message", "ch", "two") == {"rc": 1, "sent": 1}
+    request = await asyncio.wait_for(got.get(), 2)
+    assert (request.body, request.content_type) == (b"two", "text/plain")
+
+
+# ---------------------------------------------------------------------------------------------
+# SipEndpoint.forward_request (what dmq_t_replicate stands on)
+
+
+async def test_forward_request_leaves_the_original_alone_and_refuses_what_it_cannot_do(
+    cluster: Cluster, peers: Any
+) -> None:
+    kept: list[Msg] = []
+
+    def route(msg: Msg) -> None:
+        if dmq_basics(msg):
+            return
+        kept.append(msg)
+        msg.reply(200, "Kept")
+
+    a = await cluster.start(route=ScriptRoute(route), ping_interval=60)
+    client = await peers()
+    target = await peers(NODE_IP)
+    await ask(a, client, "PUBLISH", user="bob", body="state")
+    request = kept[0].request
+    before = request.to_bytes()
+    dest = Address("udp", NODE_IP, target.local[1])
+    fut = a.endpoint.forward_request(request, dest)
+    copy = await target.request()
+    assert request.to_bytes() == before  # the original is not modified
+    assert copy.vias[1].param("received") == CLIENT_IP
+    response = make_response(copy, 202, "Fine")
+    target.send(response.to_bytes(), a.local.port)
+    status, resp = await asyncio.wait_for(fut, 2)
+    assert (status, resp and resp.reason) == (202, "Fine")
+    # two forwards of the same request: two transactions, two branches
+    f1 = a.endpoint.forward_request(request, dest, lambda status, _r: None)
+    f2 = a.endpoint.forward_request(request, dest)
+    b1, b2 = (await target.request()).via.branch, (await target.request()).via.branch
+    assert b1 != b2
+    for fut in (f1, f2):
+        fut.cancel()
+    for method in ("INVITE", "ACK"):
+        request.method = method
+        with pytest.raises(ValueError, match="non-INVITE"):
+            a.endpoint.forward_request(request, dest)
+    request.method = "PUBLISH"
+    with pytest.raises(ValueError, match="not an IP"):
+        a.endpoint.forward_request(request, Address("udp", "example.com", 5060))
+    with pytest.raises(ValueError, match="transport"):
+        a.endpoint.forward_request(request, Address("sctp", NODE_IP, 5060))
+    with pytest.raises(LookupError):
+        a.endpoint.forward_request(request, Address("tcp", NODE_IP, 5060))
+    await a.stop(announce=False)
+    with pytest.raises(RuntimeError):
+        a.endpoint.forward_request(request, dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/route.py
+
+
+async def test_example_route(cluster: Cluster, peers: Any) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "route.py"
+    ra, rb = load_route(example), load_route(example)
+    a = await cluster.start(route=ra, ping_interval=60)
+    b = await cluster.start(seeds=[a], route=rb, ping_interval=60)
+    await wait_joined([a, b])
+    client = await peers()
+    contact = "<sip:alice@192.0.2.7:5060>"
+    reply = await ask(a, client, "REGISTER", user="alice", headers=[("Contact", contact)])
+    assert (reply.code, reply.header("Contact")) == (200, contact)
+    assert ra.module is not None and rb.module is not None
+    assert ra.module.location == {"alice": contact}
+    await eventually(lambda: rb.module.location, timeout=2, what="B saved the contact")
+    assert rb.module.location == {"alice": contact}
+    reply = await ask(a, client, "MESSAGE", user="announce", body="news")
+    assert (reply.code, reply.reason) == (200, "Announced")
+    reply = await ask(a, client, "KDMQ", user="lab", body="direct")
+    assert (reply.code, reply.reason) == (200, "OK")
+    reply = await ask(a, client, "SUBSCRIBE", user="x")
+    assert (reply.code, reply.reason) == (404, "Not Found")

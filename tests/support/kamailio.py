@@ -124,8 +124,9 @@ def make_tls_files(
 class ReceivedMessage:
     """A KDMQ request as the Kamailio script logged it (see ``KamailioNode.received``).
 
-    ``kind`` is "custom" (a custom channel the script answered itself) or "kdmq" (every KDMQ
-    before dispatch, when ``log_kdmq`` is on). Absent values are None.
+    ``kind`` is "custom" (a custom channel the script answered itself), "kdmq" (every KDMQ
+    before dispatch, when ``log_kdmq`` is on) or "request" (a request of one of the
+    ``record_methods``, on arrival). ``channel`` is the R-URI user part. Absent values are None.
     """
 
     kind: str
@@ -137,6 +138,7 @@ class ReceivedMessage:
     call_id: str | None
     from_uri: str | None
     body: bytes
+    method: str | None = None
 
 
 def _b64(value: str) -> str | None:
@@ -158,6 +160,7 @@ def _parse_marker(fields: str) -> ReceivedMessage:
         call_id=_b64(kv.get("callid", "<null>")),
         from_uri=_b64(kv.get("from", "<null>")),
         body=b"" if body in ("", "<null>") else base64.b64decode(body),
+        method=kv.get("method"),
     )
 
 
@@ -173,7 +176,7 @@ def _marker(kind: str) -> str:
         f"PYDMQ-MSG kind={kind} channel=$(rU{{s.encode.base64}}) src=$si:$sp proto=$pr"
         " mf=$(hdr(Max-Forwards){s.encode.base64}) ct=$(cT{s.encode.base64})"
         " callid=$(ci{s.encode.base64}) from=$(fu{s.encode.base64})"
-        " body=$(rb{s.encode.base64}) PYDMQ-END\\n"
+        " body=$(rb{s.encode.base64}) method=$rm PYDMQ-END\\n"
     )
 
 
@@ -196,6 +199,9 @@ class KamailioNode:
             them, logging the request (read it back with :meth:`custom_messages`). A sequence
             of names answers 200 OK; a mapping name -> code answers that code.
         log_kdmq: log every incoming KDMQ before dispatch (read with :meth:`received`).
+        record_methods: SIP methods (e.g. "REGISTER") logged on arrival, first thing in
+            request_route, and answered ``200 OK`` unless ``extra_route`` (or usrloc for
+            REGISTER) answers them; read them back with :meth:`requests`.
         dmq_function: "dmq_handle_message" (queued to DMQ workers) or "dmq_process_message".
         extra_global / extra_modules / extra_route: raw cfg text added to the global section,
             after the module section, and at the top of request_route.
@@ -203,6 +209,10 @@ class KamailioNode:
         tcp_rd_buf_size: core ``tcp_rd_buf_size``. Kamailio's default (16384) drops any SIP
             message bigger than about 16 KB received over TCP/TLS ("buffer overrun") and closes
             the connection; 65536 lifts that. None keeps the default, like production.
+        netns: run Kamailio inside this network namespace (``ip netns exec``; see
+            :mod:`tests.support.netns`). ``host`` must be an address of that namespace; the
+            ports default to 5060/5061 (nothing else listens there), and :meth:`options` /
+            UDP :meth:`send_kdmq` send from inside it. RPC works as usual (unix sockets).
     """
 
     def __init__(
@@ -226,6 +236,7 @@ class KamailioNode:
         usrloc: bool = False,
         custom_channels: Iterable[str] | Mapping[str, int] = (),
         log_kdmq: bool = True,
+        record_methods: Iterable[str] = (),
         dmq_function: str = "dmq_handle_message",
         extra_global: str = "",
         extra_modules: str = "",
@@ -235,6 +246,7 @@ class KamailioNode:
         shm_mb: int = 64,
         tcp_rd_buf_size: int | None = None,
         start_timeout: float = 20.0,
+        netns: str | None = None,
     ) -> None:
         if workdir is None:
             self._own_workdir = True
@@ -244,11 +256,16 @@ class KamailioNode:
             self.workdir = Path(workdir)
         self.name = name
         self.host = host
-        self.port = port if port is not None else free_port("both", host)
+        self.netns = netns
+        if port is None:
+            port = 5060 if netns is not None else free_port("both", host)
+        self.port = port
         self.tls = tls
         self.tls_port: int | None = None
         if tls is not None:
-            self.tls_port = tls_port if tls_port is not None else free_port("tcp", host)
+            if tls_port is None:
+                tls_port = 5061 if netns is not None else free_port("tcp", host)
+            self.tls_port = tls_port
         if dmq_transport == "tls" and tls is None:
             raise ValueError("dmq_transport='tls' needs tls=TlsConfig(...)")
         self.dmq_transport: DmqTransport = dmq_transport
@@ -276,6 +293,10 @@ class KamailioNode:
                 raise ValueError(f"bad reply code {code} for channel {ch!r}")
         self.custom_channels: dict[str, int] = channels
         self.log_kdmq = log_kdmq
+        self.record_methods = list(record_methods)
+        for method in self.record_methods:
+            if not re.fullmatch(r"[A-Za-z]+", method) or method in ("KDMQ", "OPTIONS"):
+                raise ValueError(f"cannot record method {method!r}")
         if dmq_function not in ("dmq_handle_message", "dmq_process_message"):
             raise ValueError(f"unknown dmq_function {dmq_function!r}")
         self.dmq_function = dmq_function
@@ -412,6 +433,13 @@ class KamailioNode:
             m.append(self.extra_modules)
 
         r: list[str] = ["request_route {"]
+        recorded = "|".join(self.record_methods)
+        if recorded:
+            r += [
+                f'\tif (is_method("{recorded}")) {{',
+                f'\t\txlog("L_NOTICE", "{_marker("request")}");',
+                "\t}",
+            ]
         if self.extra_route:
             r.append(self.extra_route)
         r.append('\tif (is_method("KDMQ")) {')
@@ -439,6 +467,13 @@ class KamailioNode:
             r += [
                 '\tif (is_method("REGISTER")) {',
                 '\t\tif (!save("location")) { sl_reply_error(); }',
+                "\t\texit;",
+                "\t}",
+            ]
+        if recorded:
+            r += [
+                f'\tif (is_method("{recorded}")) {{',
+                '\t\tsl_send_reply("200", "OK");',
                 "\t\texit;",
                 "\t}",
             ]
@@ -511,6 +546,12 @@ class KamailioNode:
             "-Y", str(self.rundir),
             "-m", str(self.shm_mb),
         ]  # fmt: skip
+        if self.netns is not None:
+            ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin")
+            if ip is None:
+                raise KamailioError("'ip' (iproute2) not found: needed to run in a namespace")
+            # ip execs kamailio: the pid (and the process group below) stays Kamailio's own
+            args = [ip, "netns", "exec", self.netns, *args]
         self.proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -553,8 +594,9 @@ class KamailioNode:
                         raise KamailioError(f"OPTIONS got {reply.code}")
                 else:
                     assert self.tls_port is not None
-                    with socket.create_connection((self.host, self.tls_port), timeout=0.5):
-                        pass
+                    if self.netns is None:
+                        with socket.create_connection((self.host, self.tls_port), timeout=0.5):
+                            pass
             except (OSError, KamailioError, ValueError):
                 time.sleep(0.05)
                 continue
@@ -690,6 +732,10 @@ class KamailioNode:
             out.append(msg)
         return out
 
+    def requests(self, method: str | None = None) -> list[ReceivedMessage]:
+        """Requests of the ``record_methods`` as they arrived (``method`` narrows them)."""
+        return [m for m in self.received("request") if method is None or m.method == method]
+
     def custom_messages(self, channel: str | None = None) -> list[ReceivedMessage]:
         """Requests on custom channels that the script answered itself."""
         return self.received("custom", channel)
@@ -717,6 +763,7 @@ class KamailioNode:
             lambda local: build_request("OPTIONS", uri, local=local),
             timeout=timeout,
             retransmit=0.2,
+            netns=self.netns,
         )
 
     def send_kdmq(
@@ -749,8 +796,12 @@ class KamailioNode:
             )
 
         if transport == "tcp":
+            if self.netns is not None:
+                raise KamailioError("send_kdmq over TCP into a namespace is not supported")
             return tcp_request(self.host, self.port, build, timeout=timeout)
-        return udp_request(self.host, self.port, build, timeout=timeout, retransmit=0.5)
+        return udp_request(
+            self.host, self.port, build, timeout=timeout, retransmit=0.5, netns=self.netns
+        )
 
     # ------------------------------------------------------------------ RPC
 

@@ -202,15 +202,23 @@ def udp_request(
     timeout: float = 5.0,
     retransmit: float | None = 0.5,
     final_only: bool = True,
+    netns: str | None = None,
 ) -> SipReply:
     """Send a request over UDP from a fresh socket on 127.0.0.1 and return the (final) reply.
 
     ``build`` gets the local (host, port) and returns the bytes (e.g. ``lambda local:
     build_request("OPTIONS", uri, local=local)``). The same bytes are retransmitted every
     ``retransmit`` seconds (None: never) until a reply arrives. Provisional replies are skipped
-    unless ``final_only`` is False.
+    unless ``final_only`` is False. ``netns``: create the socket inside that network namespace
+    (see :mod:`tests.support.netns`), for a server that listens only there.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    if netns is not None:
+        from .netns import netns_socket  # noqa: PLC0415 (only the namespace tests need it)
+
+        new_sock = netns_socket(netns, socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        new_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with new_sock as sock:
         sock.bind(("127.0.0.1", 0))
         local = sock.getsockname()
         data = build((local[0], local[1]))
