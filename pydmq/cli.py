@@ -13,9 +13,14 @@ from collections.abc import Sequence
 
 from pydmq import __version__
 from pydmq.config import ConfigError, Settings, add_cli_arguments, settings_from_args
+from pydmq.consumers.htable import attach as attach_htable
+from pydmq.consumers.htable_rpc import rpc_methods as htable_rpc_methods
+from pydmq.consumers.usrloc import attach as attach_usrloc
+from pydmq.consumers.usrloc_rpc import rpc_methods as usrloc_rpc_methods
 from pydmq.dmq.nodelist import MembershipEvent
 from pydmq.dmq.runtime import DmqNode
 from pydmq.rpc import command as rpc_command
+from pydmq.rpc.protocol import Handler
 from pydmq.rpc.server import start_rpc
 from pydmq.script.loader import ScriptError, ScriptRoute, load_route
 from pydmq.sip.transport import install_uvloop
@@ -78,6 +83,14 @@ async def _serve(
     route: ScriptRoute | None = None,
 ) -> int:
     node = DmqNode(settings, route=route)
+    # Consumers register their channels before start(), so their join-time sync goes out.
+    htable = attach_htable(node) if settings.htable.tables else None
+    usrloc = attach_usrloc(node) if settings.usrloc.enable else None
+    rpc_extra: dict[str, Handler] = {}
+    if htable is not None:
+        rpc_extra.update(htable_rpc_methods(htable))
+    if usrloc is not None:
+        rpc_extra.update(usrloc_rpc_methods(usrloc))
     try:
         await node.start()
     except OSError as exc:
@@ -95,7 +108,7 @@ async def _serve(
         # first write and subscribing.
         node.events.subscribe(status.on_event)
     try:
-        rpc = await start_rpc(node, settings.rpc)
+        rpc = await start_rpc(node, settings.rpc, extra=rpc_extra)
     except (OSError, ValueError) as exc:
         log.error("cannot start the JSON-RPC listener: %s", exc)
         await node.stop(announce_timeout=0)
@@ -116,6 +129,10 @@ async def _serve(
         # announcement must not kill the process half-way.
         await rpc.close()
         log.info("stopping: announcing status=disabled to %d peer(s)", len(node.nodes.remote()))
+        if htable is not None:
+            await htable.close()
+        if usrloc is not None:
+            await usrloc.stop()
         await node.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -799,6 +799,7 @@ class TransportManager:
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _grow_udp_buffers(sock)
             sock.bind((spec.host, spec.port))
             sock.setblocking(False)
         except BaseException:
@@ -1041,6 +1042,20 @@ def _why(exc: BaseException) -> str:
         return "timed out"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: What we ask the kernel for; it caps the request at net.core.{r,w}mem_max.
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _grow_udp_buffers(sock: socket.socket) -> None:
+    """Ask for large UDP buffers, as Kamailio does at start-up: a peer's sync burst (dozens of
+    60 KB datagrams at once) overflows the default ~200 KB receive buffer and is dropped."""
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
+        except OSError as exc:  # a restricted kernel: keep the default
+            log.debug("cannot set UDP buffer option %s: %s", option, exc)
 
 
 def install_uvloop() -> bool:

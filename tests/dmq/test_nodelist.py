@@ -761,3 +761,59 @@ def test_udp_local_is_not_duplicated_by_its_advertised_form() -> None:
     assert nl.find("sip:10.0.0.1:5060") == nl.local
     assert fault(nl.rpc_change_status, "sip:10.0.0.1:5060", "disabled") == "Node is local"
     assert [n.local for n in nl.nodes()] == [True] and len(nl.rpc_list_nodes()) == 1
+
+
+# ----------------------------------------------------------------- rejoin holdoff (no ghosts)
+
+
+def test_holdoff_buries_only_nodes_deleted_for_not_answering_and_expires() -> None:
+    now = [100.0]
+    nl = NodeList(
+        build_local_node(LOCAL), MembershipPolicy(rejoin_holdoff=5.0), clock=lambda: now[0]
+    )
+    nl.add(build_node(PEER))
+    other = "sip:10.0.0.3:5060"
+    nl.add(build_node(other))
+    timeout(nl)
+    timeout(nl)
+    assert status(nl, PEER) is GONE and nl.is_buried(PEER)
+    nl.rpc_remove(other)  # an operator's removal buries nothing
+    assert not nl.is_buried(other)
+    nl.drain_events()
+    # a third party's "active" line: back as disabled, queued for verification, not counted
+    assert nl.merge(PEER + ";status=active\r\n", sender="sip:10.0.0.3:5060") == 0
+    assert status(nl, PEER) is D
+    assert [n.key for n in nl.take_unverified()] == [PEER_KEY]
+    assert nl.take_unverified() == []
+    timeout(nl)  # the verification ping (sent while disabled) times out: deleted again
+    assert status(nl, PEER) is GONE
+    # a "disabled" line about it is not even added
+    assert nl.merge(PEER + ";status=disabled\r\n") == 0 and status(nl, PEER) is GONE
+    # its own line in its own request is taken as is
+    assert nl.merge(PEER + ";status=active\r\n", sender=PEER) == 1
+    assert status(nl, PEER) is A and not nl.is_buried(PEER)
+    timeout(nl)
+    timeout(nl)
+    assert nl.is_buried(PEER)
+    now[0] += 5.0  # holdoff over: Kamailio's rule again
+    assert nl.merge(PEER + ";status=active\r\n") == 1 and status(nl, PEER) is A
+    assert nl.take_unverified() == []
+
+
+def test_holdoff_verified_node_becomes_active_on_its_200() -> None:
+    nl = NodeList(build_local_node(LOCAL), MembershipPolicy(rejoin_holdoff=60.0))
+    nl.add(build_node(PEER))
+    timeout(nl)
+    timeout(nl)
+    nl.merge(PEER + ";status=active\r\n")
+    (snap,) = nl.take_unverified()
+    nl.on_reply(snap, 200)
+    assert status(nl, PEER) is A and not nl.is_buried(PEER)
+
+
+def test_no_holdoff_by_default() -> None:
+    nl = make(DEFAULT, PEER)
+    timeout(nl)
+    timeout(nl)
+    assert not nl.is_buried(PEER)
+    assert nl.merge(PEER + ";status=active\r\n") == 1 and status(nl, PEER) is A

@@ -1027,16 +1027,23 @@ async def test_cli_run_with_script_and_send_bcast(
     port = free_port()
     rpc = f"127.0.0.1:{free_port('tcp')}"
     config = tmp_path / "node.toml"
-    config.write_text(f'[script]\npath = "{tmp_path / "missing.py"}"\n')
     # a script that cannot be loaded stops "run" before anything listens (exit 2)
-    bad = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "pydmq", "run", "--script", str(tmp_path / "nope.py")],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    assert bad.returncode == 2 and "script error" in bad.stderr and "nope.py" in bad.stderr
+    broken = write_script(tmp_path, "def request_route(msg)\n", "broken.py")
+    config.write_text(f'[script]\npath = "{tmp_path / "missing.py"}"\n')
+    for args, words in [
+        (["--script", str(broken)], ["script error", "broken.py", "SyntaxError"]),
+        (["-c", str(config)], ["configuration error", "script.path", "missing.py"]),
+    ]:
+        bad = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "pydmq", "run", "--duration", "5", *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert bad.returncode == 2, bad.stderr
+        assert all(w in bad.stderr for w in words), bad.stderr
     config.write_text(f'[script]\npath = "{tmp_path / "other.py"}"\n')
     write_script(tmp_path, "def request_route(msg):\n    msg.reply(500, 'Wrong')\n", "other.py")
     argv = [

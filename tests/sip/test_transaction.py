@@ -400,6 +400,26 @@ def test_overload_cap() -> None:
     drive(layer, 0.2 + 32.0)  # Timer J and the unanswered guard free every slot
     assert layer.live_servers == 0
     assert kind(layer, keys[4], 40.0) is NEW
+    assert layer.evicted == 0
+
+
+def test_answered_transactions_make_room_at_the_cap() -> None:
+    """At the cap, the oldest answered transaction is forgotten instead of answering 503."""
+    layer = TransactionLayer(max_transactions=2)
+    keys = [server_key_from_parts("KDMQ", f"z9hG4bKe{i}", "10.0.0.1", 5060) for i in range(4)]
+    for i, k in enumerate(keys[:2]):
+        assert kind(layer, k, 0.1 * i) is NEW
+        layer.on_server_response(k, 200, f"ok{i}".encode(), 0.1 * i)
+    assert kind(layer, keys[2], 0.3) is NEW  # keys[0] (answered first) is forgotten
+    assert layer.evicted == 1 and layer.live_servers == 2 and layer.overloaded == 0
+    assert layer.server_state(keys[0]) is None
+    assert layer.on_request(keys[1], "KDMQ", False, 0.4).data == b"ok1"  # still remembered
+    assert kind(layer, keys[0], 0.5) is NEW  # a late retransmission counts as new now
+    assert layer.evicted == 2 and layer.server_state(keys[1]) is None
+    # Two unanswered: nothing answered left to forget, so the next one is overloaded.
+    assert kind(layer, keys[3], 0.6) is OVERLOADED
+    drive(layer, 100.0)
+    assert layer.live_servers == 0 and layer.next_deadline() is None
     with pytest.raises(ValueError):
         TransactionLayer(max_transactions=0)
 
@@ -635,8 +655,9 @@ server_op = st.one_of(
 def test_server_random_interleavings(ops, cap) -> None:
     layer = TransactionLayer(max_transactions=cap)
     keys = [server_key_from_parts("KDMQ", f"z9hG4bKs{i}", "10.0.0.9", None) for i in range(4)]
-    # Model: live key -> (last response or None, final sent?)
+    # Model: live key -> (last response or None, final sent?); answered keys, oldest first.
     live: dict[str, tuple[bytes | None, bool]] = {}
+    answered: list[str] = []
     now = 0.0
     for n, op in enumerate(ops):
         if op[0] == "tick":
@@ -644,6 +665,8 @@ def test_server_random_interleavings(ops, cap) -> None:
             for a in layer.on_timer(now):
                 assert isinstance(a, Terminated) and a.server
                 del live[a.key]
+                if a.key in answered:
+                    answered.remove(a.key)
         elif op[0] == "req":
             k = keys[op[1]]
             v = layer.on_request(k, "KDMQ", op[2], now)
@@ -653,10 +676,12 @@ def test_server_random_interleavings(ops, cap) -> None:
                     assert v.kind is ABSORB  # never handed to the application twice
                 else:
                     assert v.kind is VerdictKind.RETRANSMISSION and v.data == last
-            elif len(live) >= cap:
-                assert v.kind is OVERLOADED
+            elif len(live) - len(answered) >= cap:
+                assert v.kind is OVERLOADED  # that many are waiting for their answer
             else:
                 assert v.kind is NEW
+                if len(live) >= cap:  # the oldest answered one makes room
+                    del live[answered.pop(0)]
                 live[k] = (None, False)
         else:
             k, status = keys[op[1]], op[2]
@@ -664,9 +689,12 @@ def test_server_random_interleavings(ops, cap) -> None:
             out = layer.on_server_response(k, status, data, now)
             if k in live and not live[k][1]:
                 live[k] = (data, status >= 200)
+                if status >= 200:
+                    answered.append(k)
             for a in out:
                 assert isinstance(a, Terminated) and a.server
                 del live[a.key]
+                answered.remove(a.key)
         assert layer.live_servers == len(live) <= cap
     now += 64 * 0.5
     assert all(isinstance(a, Terminated) for a in layer.on_timer(now))
