@@ -348,6 +348,7 @@ class NodeList:
             if policy.fail_count_enabled:
                 current.fail_count = 0
             self._set_status(current, NodeStatus.ACTIVE)
+            self._buried.pop(current.key, None)
         elif status == 408:
             protected = self.is_notification_address(current)
             if node.status is NodeStatus.DISABLED and not protected:
