@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,12 +43,9 @@ from pydmq.dmq.node import build_node
 from pydmq.dmq.nodelist import RpcFault
 from pydmq.dmq.peer import Peer, PeerResponse
 from pydmq.sip.message import Limits, Request, parse_message
+from tests.support.spec import wire_dir
 
-GOLDEN = (
-    Path(os.environ.get("PYDMQ_SPEC", Path(__file__).resolve().parents[3] / "shared" / "spec"))
-    / "wire-kamailio-5.6.3"
-)
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no golden files in {GOLDEN}")
+GOLDEN = wire_dir()
 
 T = "t=>size=8;autoexpire=0;dmqreplicate=1"
 E = "e=>size=4;autoexpire=100;dmqreplicate=1"
@@ -198,7 +193,6 @@ def state(svc: HtableService) -> dict[str, list[tuple[str, Any, int]]]:
 # ---- wire codec against the captures ------------------------------------------------------
 
 
-@needs_golden
 @pytest.mark.parametrize(
     ("capture", "body"),
     [
@@ -231,7 +225,6 @@ def test_encoder_matches_kamailio_bytes(capture: str, body: bytes) -> None:
     assert request.ruri.user == "htable"
 
 
-@needs_golden
 def test_sync_answer_is_kamailios_group_in_kamailios_order() -> None:
     """The cells of capture 09 set in any order come out in Kamailio's slot order."""
     svc, _api = replicating()
@@ -245,7 +238,6 @@ def test_sync_answer_is_kamailios_group_in_kamailios_order() -> None:
     assert list(iter_groups(parts, 60000)) == [(golden_request("09").body, 3)]
 
 
-@needs_golden
 @pytest.mark.parametrize("capture", ["03", "04", "05", "07", "08", "09", "17", "19", "20"])
 def test_decoder_reads_every_capture(capture: str) -> None:
     message = decode(golden_request(capture).body)
@@ -379,7 +371,6 @@ def test_core_case_hash_agrees_with_kamailio_slots() -> None:
     assert core_case_hash("ÉÉÉÉ".encode()) == core_case_hash("ÉÉÉÉ".encode())
 
 
-@needs_golden
 def test_dump_and_get_have_kamailios_shape() -> None:
     svc = service()
     svc.set("t", "k1", "v1")
@@ -895,7 +886,6 @@ async def test_a_silent_node_holds_a_bounded_queue(monkeypatch: pytest.MonkeyPat
     await svc.close()
 
 
-@needs_golden
 async def test_rpc_through_the_dispatcher_is_byte_exact() -> None:
     """pydmq's JSON-RPC layer prints htable results exactly as jsonrpcs does."""
     from pydmq.rpc.protocol import Dispatcher, MethodTable  # noqa: PLC0415 (another layer)

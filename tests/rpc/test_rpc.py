@@ -50,10 +50,11 @@ from tests.support.cluster import (
     wait_joined,
 )
 from tests.support.net import free_port, wait_until
+from tests.support.spec import wire_dir
 
 pytestmark = pytest.mark.timeout(30)
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "../shared/spec/wire-kamailio-5.6.3"
+GOLDEN_DIR = wire_dir()
 GOLDEN_HTTP = GOLDEN_DIR / "jsonrpc_http_dmq.list_nodes_node1.json"
 CURL = shutil.which("curl")
 

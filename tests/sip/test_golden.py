@@ -3,7 +3,6 @@ and rebuild Kamailio's own replies byte-for-byte with make_response."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,13 @@ from pydmq.sip.message import (
     validate_request,
     validate_response,
 )
+from tests.support.spec import wire_dir
 
-GOLDEN = (
-    Path(os.environ.get("PYDMQ_SPEC", Path(__file__).resolve().parents[3] / "shared" / "spec"))
-    / "wire-kamailio-5.6.3"
-)
+GOLDEN = wire_dir()
 FILES = sorted(GOLDEN.glob("[0-9][0-9]_*.txt"))
 REQUESTS = [p for p in FILES if "__reply_" not in p.name]
 PAIRS = [(p, r) for p in REQUESTS for r in FILES if r.name.startswith(p.stem + "__reply_")]
 
-pytestmark = pytest.mark.skipif(not FILES, reason=f"golden files not found in {GOLDEN}")
 
 
 def _ids(paths: list[Path]) -> list[str]:

@@ -4,9 +4,7 @@ and read the same as with the independent ``sipmessage`` parser."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import sipmessage
@@ -25,11 +23,9 @@ from pydmq.sip.message import (
     validate_request,
     validate_response,
 )
+from tests.support.spec import wire_dir
 
-GOLDEN = (
-    Path(os.environ.get("PYDMQ_SPEC", Path(__file__).resolve().parents[3] / "shared" / "spec"))
-    / "wire-kamailio-5.6.3"
-)
+GOLDEN = wire_dir()
 GOLDEN_BYTES = [p.read_bytes() for p in sorted(GOLDEN.glob("[0-9][0-9]_*.txt"))]
 
 # Hostile inputs are cheap to draw: many examples. Valid messages take ~30 draws each: fewer.
@@ -213,14 +209,12 @@ def mutated_golden(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.skipif(not GOLDEN_BYTES, reason="golden files not found")
 @HOSTILE
 @given(mutated_golden())
 def test_mutated_golden(data: bytes) -> None:
     exercise(data)
 
 
-@pytest.mark.skipif(not GOLDEN_BYTES, reason="golden files not found")
 @HOSTILE
 @given(st.sampled_from(GOLDEN_BYTES), st.integers(0, 600))
 def test_truncated_golden(data: bytes, cut: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -25,13 +24,12 @@ from pydmq.sip.transaction import (
     server_key,
     server_key_from_parts,
 )
+from tests.support.spec import wire_dir
 
 NEW, ABSORB, OVERLOADED = ServerVerdict.NEW, ServerVerdict.ABSORB, ServerVerdict.OVERLOADED
 
 KAMAILIO_SCHEDULE = [0.0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5]
-RETRANSMISSIONS_TXT = (
-    Path(__file__).resolve().parents[3] / "shared/spec/wire-kamailio-5.6.3/retransmissions.txt"
-)
+RETRANSMISSIONS_TXT = wire_dir() / "retransmissions.txt"
 REQ = b"KDMQ sip:notification_peer@10.0.0.2:5060 SIP/2.0\r\n\r\n"
 
 
@@ -110,7 +108,6 @@ def test_udp_schedule_matches_kamailio_and_408_at_fr_timer() -> None:
     assert layer.stats()["heap_size"] == 0
 
 
-@pytest.mark.skipif(not RETRANSMISSIONS_TXT.exists(), reason="shared spec not checked out")
 def test_udp_schedule_matches_captured_kamailio_retransmissions() -> None:
     layer = TransactionLayer()
     start = layer.start_client("z9hG4bKcap", "KDMQ", REQ, False, 0.0)
