@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-import pytest
 import sipmessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
