@@ -372,22 +372,7 @@ class SipEndpoint:
         destination that is not ``udp|tcp|tls`` to an IP literal, ``LookupError`` when there
         is no listening socket of the destination's transport and address family.
         """
-        if self._loop is None:
-            raise RuntimeError("SipEndpoint.start() has not been called")
-        if self._closed:
-            raise RuntimeError("SipEndpoint is closed")
-        if dest.proto not in _PROTOCOLS:
-            raise ValueError(f"unknown transport protocol {dest.proto!r}")
-        canonical = _canonical_ip(dest.host)
-        if canonical is None:
-            raise ValueError(f"destination host {dest.host!r} is not an IP address")
-        if canonical != dest.host:
-            dest = Address(dest.proto, canonical, dest.port)
-        family = socket.AF_INET6 if ":" in canonical else socket.AF_INET
-        local = self.local_address(dest.proto, family)
-        branch = new_branch()
-        while branch in self._client_dest:  # pragma: no cover - 64 random bits
-            branch = new_branch()
+        dest, local, branch = self._prepare_client(dest)
         extra = [("User-Agent", self.user_agent), *headers]
         if not any(name.lower() == "max-forwards" for name, _ in headers):
             extra.insert(0, ("Max-Forwards", str(_DEFAULT_MAX_FORWARDS)))
@@ -403,18 +388,7 @@ class SipEndpoint:
             headers=extra,
             body=body,
         )
-        data = req.to_bytes()
-        actions = self.layer.start_client(
-            branch, method, data, dest.proto in _RELIABLE, self.now(), dest=(dest, local)
-        )
-        fut: asyncio.Future[tuple[int, Response | None]] = self._loop.create_future()
-        self._futures[branch] = fut
-        if on_final is not None:
-            self._finals[branch] = on_final
-        self._client_dest[branch] = dest
-        self._by_dest.setdefault(dest, set()).add(branch)
-        self._apply(actions)
-        return fut
+        return self._start_client(branch, method, req.to_bytes(), dest, local, on_final)
 
     def forward_request(
         self,
@@ -434,13 +408,24 @@ class SipEndpoint:
         the returned future. Raises like :meth:`send_request`, and ``ValueError`` for INVITE or
         ACK (only non-INVITE transactions exist here).
         """
+        method = request.method
+        if method in ("INVITE", "ACK"):
+            raise ValueError(f"cannot forward {method}: non-INVITE transactions only")
+        dest, local, branch = self._prepare_client(dest)
+        copy = Request(method, request.uri, request.header_items(), request.body)
+        copy.replace_top_via(request.via)  # as stamped on receipt (received/rport)
+        via = f"SIP/2.0/{dest.proto.upper()} {local.sip_hostport()};branch={branch}"
+        copy.add("Via", via, first=True)
+        return self._start_client(branch, method, copy.to_bytes(), dest, local, on_final)
+
+    def _prepare_client(self, dest: Address) -> tuple[Address, Address, str]:
+        """Check that a client transaction to ``dest`` can start; return the canonical
+        destination, our listening address for its transport and family, and a fresh branch.
+        Raises (keeping no state) as :meth:`send_request` documents."""
         if self._loop is None:
             raise RuntimeError("SipEndpoint.start() has not been called")
         if self._closed:
             raise RuntimeError("SipEndpoint is closed")
-        method = request.method
-        if method in ("INVITE", "ACK"):
-            raise ValueError(f"cannot forward {method}: non-INVITE transactions only")
         if dest.proto not in _PROTOCOLS:
             raise ValueError(f"unknown transport protocol {dest.proto!r}")
         canonical = _canonical_ip(dest.host)
@@ -453,12 +438,21 @@ class SipEndpoint:
         branch = new_branch()
         while branch in self._client_dest:  # pragma: no cover - 64 random bits
             branch = new_branch()
-        copy = Request(method, request.uri, request.header_items(), request.body)
-        copy.replace_top_via(request.via)  # as stamped on receipt (received/rport)
-        via = f"SIP/2.0/{dest.proto.upper()} {local.sip_hostport()};branch={branch}"
-        copy.add("Via", via, first=True)
+        return dest, local, branch
+
+    def _start_client(
+        self,
+        branch: str,
+        method: str,
+        data: bytes,
+        dest: Address,
+        local: Address,
+        on_final: FinalCallback | None,
+    ) -> asyncio.Future[tuple[int, Response | None]]:
+        """Start the client transaction and remember who wants its final status."""
+        assert self._loop is not None
         actions = self.layer.start_client(
-            branch, method, copy.to_bytes(), dest.proto in _RELIABLE, self.now(), dest=(dest, local)
+            branch, method, data, dest.proto in _RELIABLE, self.now(), dest=(dest, local)
         )
         fut: asyncio.Future[tuple[int, Response | None]] = self._loop.create_future()
         self._futures[branch] = fut
