@@ -72,6 +72,17 @@ def _unregister(obj: Any) -> None:
         _live.remove(obj)
 
 
+_temp_dirs: list[Path] = []
+
+
+def _remove_temp_dirs() -> None:
+    for path in _temp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+atexit.register(_remove_temp_dirs)  # runs after stop_all (atexit is last-in, first-out)
+
+
 def stop_all() -> None:
     """Stop every server this process started and has not stopped yet (newest first)."""
     with _live_lock:
@@ -179,30 +190,35 @@ def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
 
 @dataclass
 class PydmqProcess:
-    """One pydmq node as a separate process (``bench/pydmq_node.py``), own process group.
+    """One pydmq node as ``python -m pydmq run -c node.toml`` (uvloop, the consumers the config
+    enables, JSON-RPC over HTTP on a free loopback port), in its own process group.
 
     ``dmq`` and ``htable`` go to the TOML file as they are; ``port`` is the UDP port of its
-    ``server_address`` (``sip:127.0.0.1:<port>``).
+    ``server_address`` (``sip:127.0.0.1:<port>``). Ready when its status file exists and
+    ``core.version`` answers.
     """
 
     port: int = 0
     dmq: dict[str, Any] = field(default_factory=dict)
     htable: dict[str, Any] | None = None
+    #: More TOML tables, e.g. ``{"tm": {"fr_timer": 2.0}}``.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     log_level: str = "WARNING"
-    status_file: bool = False
     workdir: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
+    rpc_port: int = 0
 
     def __post_init__(self) -> None:
         if not self.port:
             self.port = free_port("udp")
+        if not self.rpc_port:
+            self.rpc_port = free_port("tcp")
+        self._own = self.workdir is None
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="pydmq-bench-"))
-            self._own = True
+            _temp_dirs.append(self.workdir)  # removed at exit: a node may be restarted
         else:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._own = False
 
     @property
     def uri(self) -> str:
@@ -218,51 +234,77 @@ class PydmqProcess:
         assert self.workdir is not None
         return self.workdir / "status.json"
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def config(self) -> Path:
         assert self.workdir is not None
-        dmq = {"server_address": self.uri, **self.dmq}
-        tables: dict[str, dict[str, Any]] = {"dmq": dmq, "log": {"level": self.log_level}}
+        tables: dict[str, dict[str, Any]] = {
+            "dmq": {"server_address": self.uri, **self.dmq},
+            "rpc": {"http_address": f"127.0.0.1:{self.rpc_port}"},
+            "log": {"level": self.log_level},
+        }
         if self.htable is not None:
             tables["htable"] = self.htable
+        tables.update(self.extra)
         return write_toml(self.workdir / "node.toml", tables)
 
     def start(self, timeout: float = 15.0) -> PydmqProcess:
+        """:meth:`launch` and wait until it is ready."""
+        self.launch()
+        try:
+            wait_for(self._ready, timeout, f"pydmq on {self.port} to start")
+        except BaseException:
+            tail = self.log_tail()
+            self.stop()
+            if tail:
+                print(tail, file=sys.stderr)
+            raise
+        return self
+
+    def launch(self) -> PydmqProcess:
+        """Start the process and return at once (see :meth:`start`)."""
         assert self.workdir is not None
-        args = [sys.executable, str(ROOT / "bench" / "pydmq_node.py"), "-c", str(self.config())]
-        if self.status_file:
-            args += ["--status-file", str(self.status_path)]
-        log = open(self.workdir / "node.log", "ab")  # noqa: SIM115 (closed in stop())
-        self._log = log
+        cfg = self.config()
+        args = [sys.executable, "-m", "pydmq", "run", "-c", str(cfg)]
+        args += ["--status-file", str(self.status_path)]
+        self._log = open(self.workdir / "node.log", "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             cwd=ROOT,
             start_new_session=True,
         )
         _register(self)
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        buf = b""
-        try:
-            while b"READY" not in buf:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"pydmq node on {self.port} did not start:\n{self.log_tail()}"
-                    )
-                ready, _, _ = _select([fd], 0.05)
-                if ready:
-                    chunk = os.read(fd, 4096)
-                    if not chunk:
-                        continue
-                    buf += chunk
-        except BaseException:
-            self.stop()
-            raise
-        self._stdout = buf
         return self
+
+    def _ready(self) -> bool:
+        if not self.running:
+            raise RuntimeError(f"pydmq on {self.port} exited:\n{self.log_tail()}")
+        if not self.status_path.exists():
+            return False
+        try:
+            self.rpc("core.version", timeout=0.5)
+        except Exception:  # RpcClientError: the HTTP listener comes up just after the SIP one
+            return False
+        return True
+
+    def rpc(self, method: str, *params: Any, timeout: float = 10.0) -> Any:
+        from pydmq.rpc.client import call  # noqa: PLC0415
+
+        return call(method, list(params), http=f"127.0.0.1:{self.rpc_port}", timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        import json  # noqa: PLC0415
+
+        try:
+            data: dict[str, Any] = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
 
     def log_tail(self, lines: int = 30) -> str:
         assert self.workdir is not None
@@ -273,7 +315,8 @@ class PydmqProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def signal(self, sig: signal.Signals) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running:
+            assert self.proc is not None
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
 
@@ -284,11 +327,9 @@ class PydmqProcess:
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            out = b""
-        self._collect_stats(self._stdout + (out or b""))
         self._finish()
 
     def kill(self) -> None:
@@ -301,25 +342,13 @@ class PydmqProcess:
             self.proc.wait(5)
         self._finish()
 
-    def _collect_stats(self, out: bytes) -> None:
-        import json  # noqa: PLC0415
-
-        for line in out.decode(errors="replace").splitlines():
-            if line.startswith("STATS "):
-                with contextlib.suppress(ValueError):
-                    self.stats = json.loads(line[6:])
-
     def _finish(self) -> None:
-        if self.proc is not None and self.proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdout.close()
         with contextlib.suppress(Exception):
             self._log.close()
         _unregister(self)
-        if self._own and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
         self.proc = None
+        with contextlib.suppress(OSError):
+            self.status_path.unlink()  # a restart must not look ready before it is
 
     def __enter__(self) -> PydmqProcess:
         return self.start()

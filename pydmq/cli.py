@@ -49,8 +49,9 @@ class StatusFile:
 
     An observation channel for tests and scripts until the RPC interface exists. The file holds
     ``{"nodes": <dmq.list_nodes rows>, "stats": <DmqStats.snapshot()>}``. It is written once the
-    node listens and again on every membership event (a remote node added, changed status or
-    removed), never on a timer, so ``stats`` are as of the last membership change. Each write
+    node listens and again after every membership event (a remote node added, changed status or
+    removed; the events of one loop iteration share one write), never on a timer, so ``stats``
+    are as of the last membership change. Each write
     goes to a temporary file next to PATH that ``os.replace`` then moves over PATH, so a reader
     sees the old or the new content, never a mix. The file is left in place at exit.
     """
@@ -60,6 +61,7 @@ class StatusFile:
         self._node = node
         head, tail = os.path.split(self.path)
         self._tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+        self._scheduled = False
 
     def write(self) -> None:
         """Write the current state; raises ``OSError`` when the file cannot be written."""
@@ -70,6 +72,15 @@ class StatusFile:
         os.replace(self._tmp, self.path)
 
     def on_event(self, _event: MembershipEvent) -> None:
+        # One write per loop iteration, however many events it brought: a notification body
+        # can change hundreds of entries at once, and a write per event would cost O(n^2).
+        if self._scheduled:
+            return
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
         try:
             self.write()
         except OSError as exc:

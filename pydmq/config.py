@@ -144,6 +144,11 @@ class SipSettings:
     max_line: int = 8192
     #: Seconds an idle TCP/TLS connection is kept (Kamailio's tcp_connection_lifetime).
     tcp_idle_timeout: float = 120.0
+    #: Seconds a TCP/TLS message may take to arrive once its first byte did (Kamailio's
+    #: tcp_msg_read_timeout): a slowloris peer is closed after that.
+    tcp_msg_read_timeout: float = 10.0
+    #: TCP/TLS connections at once, opening ones included (Kamailio's tcp_max_connections).
+    tcp_max_connections: int = 2048
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     tls_cafile: str | None = None
@@ -628,6 +633,17 @@ def _http_address(text: str) -> str:
     return text
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether the ``host:port`` of an HTTP listener is a loopback IP (or ``localhost``)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _unix_socket(text: str) -> str:
     if "\0" in text or len(os.fsencode(text)) > 107:
         raise _Invalid("must be a path of at most 107 bytes (the AF_UNIX limit), or empty")
@@ -699,6 +715,8 @@ _FIELDS: dict[str, dict[str, _Field]] = {
         "max_headers": _int_field(1, 10000),
         "max_line": _int_field(256, 65535, " (bytes)"),
         "tcp_idle_timeout": _seconds_field(86400),
+        "tcp_msg_read_timeout": _seconds_field(3600),
+        "tcp_max_connections": _int_field(1, 1_000_000),
         "tls_certfile": _str_field(_existing_file, "a file path", optional=True),
         "tls_keyfile": _str_field(_existing_file, "a file path", optional=True),
         "tls_cafile": _str_field(_existing_file, "a file path", optional=True),
@@ -932,6 +950,12 @@ def _cross_check(s: Settings) -> list[str]:
         warnings.append(
             "sip.tls_verify_client = true without sip.tls_cafile: client certificates are"
             " checked against the system CA store"
+        )
+    if s.rpc.http_address is not None and not _is_loopback(s.rpc.http_address):
+        warnings.append(
+            f"rpc.http_address = {_show(s.rpc.http_address)} is not a loopback address:"
+            " JSON-RPC has no authentication, so anyone who reaches it can change the node list"
+            " and send KDMQ; keep it on 127.0.0.1/::1 (or use rpc.unix_socket)"
         )
     warnings += _htable_check(s.htable)
     return warnings

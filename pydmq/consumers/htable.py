@@ -48,6 +48,19 @@ is never fragmented) for UDP nodes, ``sync_group_bytes`` (default 15000, under K
 has been answered, so a pydmq receiver can tell that a sync is complete. Progress is logged on
 ``pydmq.consumers.htable``.
 
+Re-join (pydmq). Kamailio syncs only when a node starts, so changes made on either side of a
+network partition never reach the other side. pydmq watches the membership events: when a node
+that was known before comes back (``not_active``/``disabled`` -> ``active``, or added again after
+it had been removed) it sends that node all its replicated cells, exactly as it answers a sync
+request (:meth:`HtableService.sync_to`). Both sides see each other come back, so the exchange
+goes both ways. Conflicts (a key changed differently on both sides) resolve the same way on
+every node, whatever the order the groups arrive in: a sync cell replaces a live cell only if its
+value is not smaller (integers before strings, then numeric / lexicographic order; the larger
+value wins, which for counters is the highest count). Live changes (SET_CELL ...) are applied as
+they come. Deletions are not remembered: a key deleted on one side during a partition comes back
+from the other side. A brand-new node is not pushed to: it asks for a sync itself at join time
+(``dmq_init_sync``). Kamailio peers do not push back after a partition.
+
 Expiry. Every ``timer_interval`` seconds (default 20, Kamailio's ``timer_interval``) an asyncio
 task removes the expired cells of autoexpire tables. Until then an expired cell is invisible to
 ``get`` and to sync, but still listed by ``htable.dump`` (as in Kamailio).
@@ -100,6 +113,8 @@ from pydmq.consumers.htable_store import (
     compile_posix_re,
 )
 from pydmq.dmq.api import Delivery, DmqApi, load_api
+from pydmq.dmq.node import NodeError, NodeStatus
+from pydmq.dmq.nodelist import MembershipEvent
 from pydmq.dmq.peer import Peer, PeerResponse
 from pydmq.dmq.runtime import DmqError
 
@@ -156,6 +171,10 @@ class HtableStats:
     cells_received: int = 0
     #: Expired cells removed by the sweep.
     expired: int = 0
+    #: Full pushes to a node that came back (re-join) and sync cells that lost to a larger
+    #: local value (see "Re-join" in the module docstring).
+    rejoin_syncs: int = 0
+    sync_cells_kept_local: int = 0
 
 
 @dataclass(slots=True)
@@ -217,6 +236,8 @@ class HtableService:
         self._syncs: dict[NodeKey, asyncio.Task[SyncResult]] = {}
         self._outboxes: dict[NodeKey, _Outbox] = {}
         self._incoming: dict[object, _Incoming] = {}
+        #: nodes seen active before: seeing one come back is a re-join
+        self._known: set[NodeKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         #: Bodies above this are refused (400): no SIP message of ours can be that big.
@@ -225,6 +246,7 @@ class HtableService:
             self.api = load_api(node)
             init = self._init_callback if settings.dmq_init_sync else None
             self.peer = self.api.register_peer(CHANNEL, "htable", self.handle_message, init)
+            node.events.subscribe(self._on_membership)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -473,6 +495,10 @@ class HtableService:
             if cell.htname not in self.store:
                 missing.add(cell.htname)
                 continue
+            current = self.store.get(cell.htname, cell.cname)
+            if current is not None and _rank(current.value) > _rank(cell.value):
+                self.stats.sync_cells_kept_local += 1  # a partition conflict: see "Re-join"
+                continue
             self.store.set(cell.htname, cell.cname, cell.value, expire=cell.expire - now)
             applied += 1
         if missing:
@@ -514,6 +540,25 @@ class HtableService:
             log.debug("htable: sync group from %s: %d cells", sender, applied)
 
     # ---- DMQ: sync --------------------------------------------------------------------------
+    def _on_membership(self, event: MembershipEvent) -> None:
+        """Push our cells to a known node that comes back (see "Re-join" above)."""
+        if event.kind != "up" or self.node is None or self._closed:
+            return
+        try:
+            node = self.node.nodes.find(event.node_uri)
+        except NodeError:
+            return
+        if node is None or node.local or node.status is not NodeStatus.ACTIVE:
+            return
+        rejoined = event.old_status is not None or node.key in self._known
+        self._known.add(node.key)
+        if not rejoined or not self.node.running:
+            return
+        was = event.old_status.value if event.old_status is not None else "removed"
+        log.info("htable: %s is back (was %s): sending it our tables", _who(node), was)
+        if self.sync_to(node) is not None:
+            self.stats.rejoin_syncs += 1
+
     def _init_callback(self) -> None:
         """DMQ init callback (``dmq_init_sync``): ask every active node for its tables."""
         self.request_sync()
@@ -775,6 +820,11 @@ def _ignore_outcome(future: asyncio.Future[list[Delivery]]) -> None:
     if not future.cancelled():
         with contextlib.suppress(Exception):
             future.result()
+
+
+def _rank(value: Value) -> tuple[int, int] | tuple[int, str]:
+    """The order of conflicting values: integers before strings, each in its natural order."""
+    return (1, value) if isinstance(value, str) else (0, value)
 
 
 def _who(node: Node) -> str:

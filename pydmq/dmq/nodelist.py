@@ -26,13 +26,13 @@ Deliberate deviations from Kamailio, each because Kamailio's behaviour is a bug 
 * No ghosts (``MembershipPolicy.rejoin_holdoff`` > 0, which the runtime sets): for that many
   seconds after a node was deleted because its pings timed out, an ``active`` line about it from
   *another* node (a stale list: that node has not noticed the death yet) does not make it active
-  again. It comes back ``disabled`` and is queued for verification (:meth:`NodeList.take_unverified`,
-  which the notification logic pings at once): a 200 from the node makes it active (a restarted
-  node is back within one round trip), a 408 deletes it again. Disabled nodes are neither
-  advertised nor sent to, so a dead node can no longer bounce between the lists of nodes that
-  notice its death at different times (Kamailio re-adds it from every stale list, and with a few
-  nodes it can circulate for as long as their detection times keep overlapping). The node's own
-  line in a request it sent is always taken as is.
+  again. It comes back ``disabled`` and is queued for verification
+  (:meth:`NodeList.take_unverified`, which the notification logic pings at once): a 200 from the
+  node makes it active (a restarted node is back within one round trip), a 408 deletes it again.
+  Disabled nodes are neither advertised nor sent to, so a dead node can no longer bounce between
+  the lists of nodes that notice its death at different times (Kamailio re-adds it from every
+  stale list, and with a few nodes it can circulate for as long as their detection times keep
+  overlapping). The node's own line in a request it sent is always taken as is.
 """
 
 from __future__ import annotations
@@ -354,7 +354,10 @@ class NodeList:
             if node.status is NodeStatus.DISABLED and not protected:
                 self._delete(current)
                 if policy.rejoin_holdoff > 0:
-                    self._buried[current.key] = self._clock() + policy.rejoin_holdoff
+                    now = self._clock()
+                    # forget the expired ones, so that dead identities do not pile up
+                    self._buried = {k: t for k, t in self._buried.items() if t > now}
+                    self._buried[current.key] = now + policy.rejoin_holdoff
             elif policy.fail_count_enabled:
                 self._count_failure(current)
             elif protected or not policy.remove_inactive:

@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from functools import lru_cache
 
@@ -150,6 +151,8 @@ class DmqNode:
             limits=Limits(s.max_message_size, s.max_headers, s.max_line),
             tls=tls,
             tcp_idle_timeout=s.tcp_idle_timeout,
+            tcp_read_timeout=s.tcp_msg_read_timeout,
+            max_connections=s.tcp_max_connections,
         )
         self._everyone = _covers_everything(d.allowed_sources)
         self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
@@ -473,6 +476,7 @@ class DmqNode:
 
     def _run(self, commands: Iterable[Command]) -> list[FinalFuture]:
         futures: list[FinalFuture] = []
+        unreachable: list[Node] = []
         for cmd in commands:
             if isinstance(cmd, SendNotification):
                 try:
@@ -488,12 +492,41 @@ class DmqNode:
                     )
                 except DmqError as exc:
                     log.warning("%s", exc)
+                    unreachable.append(cmd.node)
             elif isinstance(cmd, RunInitCallbacks):
                 self._spawn(run_init_callbacks(self.peers))
             elif isinstance(cmd, LogWarning):
                 self._warn(cmd.message)
         self.publish_events()
+        self._fail_unreachable(unreachable)
         return futures
+
+    def _fail_unreachable(self, unreachable: list[Node]) -> None:
+        """Give nodes we have no socket for (a transport or address family we do not listen
+        on) the local 408 of a node that never answers, on the next loop iteration.
+
+        Such a node comes from a body line (a misconfigured peer, or anyone allowed to send us
+        KDMQ) or from ``dmq.add``, and no request to it can ever start: left ``active`` it would
+        make every broadcast stop at it (Kamailio's rule: a request that cannot start ends the
+        loop) and it would stay listed forever, since only replies and timeouts change a status.
+        With the 408 it goes through the failure rules like a dead node (disabled, then deleted
+        at its next ping, unless it is a notification address). ``publish_events`` sends the
+        ones that just became active here, before any broadcast can reach them.
+        """
+        if not unreachable or not self.running:
+            return
+        loop = asyncio.get_running_loop()
+        for node in unreachable:
+            loop.call_soon(self.notification_response, None, 408, node)
+
+    def _can_send(self, node: Node) -> bool:
+        dest = node_address(node)
+        family = socket.AF_INET6 if ":" in dest.host else socket.AF_INET
+        try:
+            self.endpoint.local_address(dest.proto, family)
+        except LookupError:
+            return False
+        return True
 
     def _warn(self, message: str) -> None:
         # The same warning every ping interval (a lone seed node, say) is logged once, then
@@ -507,6 +540,7 @@ class DmqNode:
     def publish_events(self) -> None:
         """Log the node list's pending membership events and hand them to ``events``
         subscribers; call it after changing ``nodes`` directly (RPC does)."""
+        unreachable: list[Node] = []
         for event in self.nodes.drain_events():
             log.info(
                 "node %s %s (%s -> %s)",
@@ -516,6 +550,23 @@ class DmqNode:
                 event.new_status.value if event.new_status else "-",
             )
             self.events.emit(event)
+            if event.kind == "up":
+                node = self._find_unsendable(event.node_uri)
+                if node is not None:
+                    unreachable.append(node)
+        self._fail_unreachable(unreachable)
+
+    def _find_unsendable(self, uri: str) -> Node | None:
+        """The listed node ``uri`` if no request to it could start (see _fail_unreachable)."""
+        try:
+            node = self.nodes.find(uri)
+        except NodeError:
+            return None
+        if node is None or node.local or self._can_send(node):
+            return None
+        log.info("node %s: no socket of ours reaches %s; it counts as not answering", uri,
+                 node_address(node))  # fmt: skip
+        return node
 
     def _spawn(self, coro: Coroutine[object, object, object]) -> None:
         if self._state == "stopped":

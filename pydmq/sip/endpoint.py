@@ -160,6 +160,8 @@ class SipEndpoint:
         tls: TlsConfig | None = None,
         user_agent: str = "pydmq",
         tcp_idle_timeout: float = 300.0,
+        tcp_read_timeout: float = 10.0,
+        max_connections: int = 2048,
         max_transactions: int = 100_000,
     ) -> None:
         self.specs = list(specs)
@@ -174,6 +176,8 @@ class SipEndpoint:
             tls=tls,
             max_size=limits.max_size,
             tcp_idle_timeout=tcp_idle_timeout,
+            read_timeout=tcp_read_timeout,
+            max_connections=max_connections,
             on_send_error=self._on_send_error,
         )
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -330,6 +330,9 @@ class SipMessage:
             if element is None:
                 raise SipParseError("Bad Via")
             via = cache["via"] = Via.parse(element)
+            # What it was when parsed: make_response compares, to tell whether it was edited
+            # in place (the transport stamps received/rport there) without parsing it again.
+            cache["via0"] = (via.transport, via.host, via.port, via.params.copy())
         return via
 
     @property
@@ -831,8 +834,9 @@ def validate_request(req: Request) -> None:
 
 
 def _secondary_error(req: Request) -> str | None:
-    if any(not row[0] for row in req._get_rows()):
-        return "Bad header line"
+    for row in req._get_rows():
+        if not row[0]:
+            return "Bad header line"
     try:
         req.ruri  # noqa: B018
         req.max_forwards  # noqa: B018
@@ -874,7 +878,18 @@ def make_response(
     the layout of Kamailio's sl replies. Never raises for a malformed request (a bad To is
     copied without a tag).
     """
-    resp = Response(status, reason, body=body)
+    if not 100 <= status <= 699:
+        raise ValueError(f"invalid status {status!r}")
+    resp = Response.__new__(Response)
+    resp._status = status
+    resp._reason = _check_value(reason)
+    resp._data = b""
+    resp._hs = resp._he = 0
+    resp._crlf = True
+    resp._raw = None
+    resp._body = bytes(body)
+    resp._cl = None
+    resp._cache = None
     rows: list[_Row] = []
     tag_to = status != 100
     top_via = _edited_top_via(request)
@@ -898,28 +913,55 @@ def make_response(
         if key in _MANDATORY:
             rows.append(row)
     if content_type is not None:
-        rows.append(_make_row("Content-Type", content_type))
-    rows.extend(_make_row(n, v) for n, v in extra_headers)
-    rows.append(("content-length", "Content-Length", str(len(resp.body)), None))
+        rows.append(_constant_row("Content-Type", content_type))
+    for name, value in extra_headers:
+        rows.append(_constant_row(name, value))
+    rows.append(("content-length", "Content-Length", str(len(resp._body)), None))
     resp._rows = rows
     return resp
+
+
+# (name, value) -> checked row, for the few headers every response repeats (Server, ...).
+_ROW_CACHE: dict[tuple[str, str], _Row] = {}
+_ROW_CACHE_MAX = 256
+
+
+def _constant_row(name: str, value: str) -> _Row:
+    """``_make_row`` with a cache: rows are immutable tuples, so they can be shared."""
+    key = (name, value)
+    row = _ROW_CACHE.get(key)
+    if row is None:
+        row = _make_row(name, value)
+        if len(name) + len(value) <= 256:
+            if len(_ROW_CACHE) >= _ROW_CACHE_MAX:
+                _ROW_CACHE.clear()
+            _ROW_CACHE[key] = row
+    return row
 
 
 def _edited_top_via(request: Request) -> str | None:
     """``str(request.via)`` if that cached object no longer matches the wire text, else None."""
     cache = request._cache
-    cached = cache.get("via") if cache is not None else None
+    if cache is None:
+        return None
+    cached: Via | None = cache.get("via")
     if cached is None:
         return None
-    try:
-        original: Via | None = Via.parse(first_element(request._first_value("via") or "") or "")
-    except SipParseError:
-        original = None
-    return None if original == cached else _check_value(str(cached))
+    original = cache.get("via0")
+    if original is not None and original == (
+        cached.transport,
+        cached.host,
+        cached.port,
+        cached.params,
+    ):
+        return None
+    return _check_value(str(cached))
 
 
 def _after_first_element(value: str) -> str:
     """What follows the first element of a comma list, as written (``""`` if nothing)."""
+    if "," not in value:
+        return ""
     first = first_element(value)
     if first is None:
         return ""

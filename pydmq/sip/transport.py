@@ -11,12 +11,19 @@ matter for Kamailio interop:
   (Kamailio's connection reuse).
 * Limits mirror Kamailio's defaults: 65535-byte messages (BUF_SIZE), 120 s idle lifetime
   (``tcp_connection_lifetime``), 10 s connect timeout (``tcp_connect_timeout``), 2048 connections
-  (``tcp_max_connections``).
+  (``tcp_max_connections``). A message that has started to arrive must be complete (header block
+  and body) within ``read_timeout`` seconds (Kamailio's ``tcp_msg_read_timeout``, 20 s there,
+  10 s here), else the connection is closed: a peer trickling a header byte at a time (slowloris)
+  holds a connection for that long at most, whatever the idle timeout.
 
-Connection limit policy: when ``max_connections`` is reached, the connection idle for the longest
-time that has nothing buffered either way is closed to make room; if every connection is busy the
-new one is refused (an inbound one is aborted, an outbound send is reported to ``on_send_error``).
-Connections being opened or in a TLS handshake count toward the limit.
+Connection limit policy: when ``max_connections`` is reached, one connection is closed to make
+room: the one idle for the longest time with nothing buffered either way, or the one that has
+never delivered a complete message and whose first message has been arriving for the longest
+time while nothing of ours waits to be written to it (a slowloris peer), whichever has waited
+longer; if every connection is busy the new one is refused (an inbound one is aborted, an
+outbound send is reported to ``on_send_error``). So a peer trickling bytes cannot keep
+legitimate peers out, while a connection that has proven itself is never cut in the middle of a
+message. Connections being opened or in a TLS handshake count toward the limit.
 """
 
 from __future__ import annotations
@@ -283,6 +290,7 @@ class TransportStats:
     tls_handshake_failures: int = 0
     parse_errors: int = 0
     idle_closed: int = 0
+    read_timeouts: int = 0
     evicted: int = 0
     refused: int = 0
     send_errors: int = 0
@@ -331,6 +339,11 @@ class _StreamConn(asyncio.Protocol):
         self.last_active = mgr.loop.time()
         self.used = next(_activity)
         self.idle_handle: asyncio.TimerHandle | None = None
+        #: When the incomplete message in the framer started to arrive (None: nothing pending).
+        self.read_started: float | None = None
+        self.read_handle: asyncio.TimerHandle | None = None
+        #: Whether a complete message ever arrived here (see the connection limit policy).
+        self.proven = False
         self.task: asyncio.Task[None] | None = None
         #: The TCP transport below a TLS server connection, closed if we give up mid-handshake.
         self.raw: asyncio.Transport | None = None
@@ -385,6 +398,18 @@ class _StreamConn(asyncio.Protocol):
             mgr.log_once(("parse", host), self.last_active, "closing %s: %s", self.key, exc.reason)
             self.close()
             return
+        if self.framer.buffered:
+            # A message is incomplete: it started in this read unless an older one still is.
+            if self.read_started is None or messages:
+                self.read_started = self.last_active
+                if self.read_handle is None and mgr.read_timeout > 0:
+                    self.read_handle = mgr.loop.call_at(
+                        self.last_active + mgr.read_timeout, self._read_check
+                    )
+        else:
+            self.read_started = None
+        if messages:
+            self.proven = True
         if self.framer.pings:
             self.write(b"\r\n" * self.framer.take_pings())
         for message in messages:
@@ -473,10 +498,47 @@ class _StreamConn(asyncio.Protocol):
         else:
             self.idle_handle = mgr.loop.call_at(deadline, self._idle_check)
 
+    def _read_check(self) -> None:
+        self.read_handle = None
+        started = self.read_started
+        if self.state is not _State.OPEN or started is None:
+            return
+        mgr = self.mgr
+        deadline = started + mgr.read_timeout
+        if mgr.loop.time() >= deadline:
+            mgr.stats.read_timeouts += 1
+            host = self.key.host if self.key is not None else None
+            mgr.log_once(
+                ("read", host),
+                mgr.loop.time(),
+                "closing %s: no complete message within %g s (%d bytes buffered)",
+                self.key,
+                mgr.read_timeout,
+                self.framer.buffered,
+            )
+            self.close()
+        else:
+            self.read_handle = mgr.loop.call_at(deadline, self._read_check)
+
+    def is_stalled_reader(self) -> bool:
+        """Never delivered a message, and only its incomplete first one would be lost by
+        closing (nothing of ours is waiting)."""
+        t = self.transport
+        return (
+            not self.proven
+            and self.read_started is not None
+            and t is not None
+            and not self.pending
+            and t.get_write_buffer_size() == 0
+        )
+
     def _resolve(self) -> None:
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self.read_handle is not None:
+            self.read_handle.cancel()
+            self.read_handle = None
         self.mgr.live.discard(self)
         self.mgr.counted.discard(self)
         if not self.lost.done():
@@ -736,6 +798,7 @@ class TransportManager:
         max_headers_bytes: int = DEFAULT_MAX_HEADERS_BYTES,
         tcp_idle_timeout: float = 120.0,
         connect_timeout: float = 10.0,
+        read_timeout: float = 10.0,
         max_connections: int = 2048,
         max_write_buffer: int = 4 * 1024 * 1024,
         on_send_error: OnSendError | None = None,
@@ -749,6 +812,7 @@ class TransportManager:
         self.max_headers_bytes = max_headers_bytes
         self.tcp_idle_timeout = tcp_idle_timeout
         self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.max_write_buffer = max_write_buffer
         self.stats = TransportStats()
@@ -996,14 +1060,24 @@ class TransportManager:
         """Make room for one more connection if needed; False means refuse it."""
         if len(self.counted) < self.max_connections:
             return True
-        victim: _StreamConn | None = None
+        idle: _StreamConn | None = None
         for conn in self.counted:
             if (
                 conn.state is _State.OPEN
                 and not conn.is_busy()
-                and (victim is None or conn.used < victim.used)
+                and (idle is None or conn.used < idle.used)
             ):
-                victim = conn
+                idle = conn
+        stalled = self._stalled_reader()
+        # Whichever has waited longer: a stalled message (slowloris) goes before a peer that
+        # just connected or a connection that was used a moment ago.
+        victim, what = idle, "idle"
+        if (
+            stalled is not None
+            and stalled.read_started is not None
+            and (idle is None or stalled.read_started < idle.last_active)
+        ):
+            victim, what = stalled, "stalled"
         if victim is None:
             self.stats.refused += 1
             self.log_once(
@@ -1015,9 +1089,33 @@ class TransportManager:
             )
             return False
         self.stats.evicted += 1
-        log.info("connection limit reached, closing idle %s for %s", victim.key, key)
+        self.log_once(
+            "evicted",
+            self.loop.time(),
+            "connection limit (%d) reached, closing %s %s for %s",
+            self.max_connections,
+            what,
+            victim.key,
+            key,
+        )
         victim.close()
         return True
+
+    def _stalled_reader(self) -> _StreamConn | None:
+        """The connection whose incomplete first message started the longest time ago, among
+        those that never delivered one and have nothing of ours to write (slowloris peers)."""
+        victim: _StreamConn | None = None
+        oldest = 0.0
+        for conn in self.counted:
+            started = conn.read_started
+            if (
+                started is not None
+                and conn.state is _State.OPEN
+                and conn.is_stalled_reader()
+                and (victim is None or started < oldest)
+            ):
+                victim, oldest = conn, started
+        return victim
 
     def register(self, conn: _StreamConn) -> None:
         assert conn.key is not None

@@ -39,7 +39,7 @@ from pydmq.consumers.htable_store import (
     wrap_int,
 )
 from pydmq.dmq.api import Delivery
-from pydmq.dmq.node import build_node
+from pydmq.dmq.node import NodeStatus, build_node
 from pydmq.dmq.nodelist import RpcFault
 from pydmq.dmq.peer import Peer, PeerResponse
 from pydmq.sip.message import Limits, Request, parse_message
@@ -911,3 +911,88 @@ async def test_rpc_through_the_dispatcher_is_byte_exact() -> None:
         "code": 500,
         "message": "Not enough parameters (htable name and key name)",
     }
+
+
+# ---- re-join (pydmq): conflicts resolve the same everywhere, a known node coming back is pushed
+
+
+def test_sync_conflicts_keep_the_larger_value_in_any_order() -> None:
+    """Two sides of a partition pushed each other their tables: whatever order the groups come
+    in, every node keeps the larger value (ints before strings); equal values just apply."""
+    cells = [
+        encode_sync_cell("t", "s", "ab-side", 0),
+        encode_sync_cell("t", "s", "c-side", 0),
+        encode_sync_cell("t", "n", 7, 0),
+        encode_sync_cell("t", "n", 41, 0),
+        encode_sync_cell("t", "mixed", 99, 0),
+        encode_sync_cell("t", "mixed", "text", 0),
+    ]
+    results = []
+    for order in (cells, cells[::-1], cells[1::2] + cells[::2]):
+        svc, _api = replicating(T)
+        for cell in order:
+            assert svc.handle_message(kdmq(group_body([cell])), None).code == 200
+        results.append(svc.items("t"))
+        # the larger value first: the smaller one that follows is not applied
+        assert svc.stats.sync_cells_kept_local == (3 if order is not cells else 0)
+    assert all(sorted(r) == [("mixed", "text"), ("n", 41), ("s", "c-side")] for r in results)
+
+
+def test_live_changes_still_apply_as_they_come() -> None:
+    svc, _api = replicating(T)
+    svc.handle_message(kdmq(group_body([encode_sync_cell("t", "k", 9, 0)])), None)
+    assert svc.handle_message(kdmq(encode_set_cell("t", "k", 1)), None).code == 200
+    assert svc.get("t", "k") == 1
+
+
+async def test_a_known_node_coming_back_gets_our_tables() -> None:
+    """In-process nodes a and b: b misses a change of a's (made without replication), then goes
+    not_active on a and comes back with a ping's 200: a pushes its tables to b. A brand-new node
+    is not pushed to (it asks for a sync itself)."""
+    from pydmq.config import settings_from_mapping  # noqa: PLC0415
+    from pydmq.consumers.htable import attach  # noqa: PLC0415
+    from pydmq.dmq.runtime import DmqNode  # noqa: PLC0415
+    from tests.support.net import free_port  # noqa: PLC0415
+
+    def make(seed: str | None) -> tuple[DmqNode, HtableService]:
+        port = free_port("udp")
+        settings, _ = settings_from_mapping(
+            {
+                "dmq": {
+                    "server_address": f"sip:127.0.0.1:{port}",
+                    "notification_address": [seed] if seed else [],
+                    "ping_interval": 60,
+                },
+                "tm": {"t1": 0.05, "fr_timer": 1.0},
+                "htable": {"tables": [T], "enable_dmq": True, "dmq_init_sync": True},
+            },
+            "test",
+        )
+        node = DmqNode(settings)
+        return node, attach(node)
+
+    a, ha = make(None)
+    await a.start()
+    b, hb = make(a.local.orig_uri)
+    await b.start()
+    try:
+        for _ in range(200):
+            if a.nodes.find(b.local.key) is not None and ha.sync_results:
+                break
+            await asyncio.sleep(0.01)
+        assert ha.stats.rejoin_syncs == 0  # b was new: it asked for a sync, nobody pushed
+        ha.store.set("t", "missed", "by-b")  # not replicated: b does not have it
+        assert hb.get("t", "missed") is None
+        a.nodes.set_status(b.local.key, NodeStatus.NOT_ACTIVE)
+        a.publish_events()
+        await asyncio.gather(*a.ping_now())
+        for _ in range(200):
+            if hb.get("t", "missed") == "by-b":
+                break
+            await asyncio.sleep(0.01)
+        assert hb.get("t", "missed") == "by-b"
+        assert ha.stats.rejoin_syncs == 1
+    finally:
+        for node, svc in ((b, hb), (a, ha)):
+            await svc.close()
+            await node.stop(announce=False)
