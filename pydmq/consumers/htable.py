@@ -175,6 +175,9 @@ class HtableStats:
     #: local value (see "Re-join" in the module docstring).
     rejoin_syncs: int = 0
     sync_cells_kept_local: int = 0
+    #: Full pushes to a node that missed changes (a change or sync group it never
+    #: acknowledged), made once it answers again: see :meth:`HtableService.repair`.
+    repair_syncs: int = 0
 
 
 @dataclass(slots=True)
@@ -238,7 +241,10 @@ class HtableService:
         self._incoming: dict[object, _Incoming] = {}
         #: nodes seen active before: seeing one come back is a re-join
         self._known: set[NodeKey] = set()
+        #: Nodes that did not acknowledge a change or a sync group: they get a full push.
+        self._dirty: set[NodeKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._repairer: asyncio.Task[None] | None = None
         self._closed = False
         #: Bodies above this are refused (400): no SIP message of ours can be that big.
         self.max_body = 65535 if node is None else max(65535, node.settings.sip.max_message_size)
@@ -253,6 +259,8 @@ class HtableService:
         """Start the expiry sweeper (needs a running event loop; a second call does nothing)."""
         if self._sweeper is None and not self._closed:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        if self._repairer is None and not self._closed and self.node is not None:
+            self._repairer = asyncio.get_running_loop().create_task(self._repair_loop())
 
     async def close(self) -> None:
         """Stop the sweeper and abandon running sync answers. The tables stay readable."""
@@ -260,9 +268,10 @@ class HtableService:
         for outbox in self._outboxes.values():
             outbox.discard()
         tasks: list[asyncio.Task[SyncResult] | asyncio.Task[None]] = list(self._syncs.values())
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
-            self._sweeper = None
+        for background in (self._sweeper, self._repairer):
+            if background is not None:
+                tasks.append(background)
+        self._sweeper = self._repairer = None
         for task in tasks:
             task.cancel()
         if tasks:
@@ -273,6 +282,35 @@ class HtableService:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+    async def _repair_loop(self) -> None:
+        assert self.node is not None
+        interval = self.node.settings.dmq.ping_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.repair()
+
+    def mark_dirty(self, node: Node) -> None:
+        """``node`` missed a change (no 200 for it): push it the whole table once it answers."""
+        self._dirty.add(node.key)
+
+    def repair(self) -> int:
+        """Push our tables to every node that missed a change and is active again (every
+        ``ping_interval`` s). Kamailio drops such changes for good; a one-way cut, where the
+        node never looks "removed" and so never re-joins, would otherwise lose them. Returns
+        how many pushes started."""
+        if self.node is None or self._closed or not self.node.running:
+            return 0
+        started = 0
+        for key in list(self._dirty):
+            node = self.node.nodes.find(key)
+            if node is None:
+                self._dirty.discard(key)  # gone: its re-join brings a full push anyway
+            elif node.status is NodeStatus.ACTIVE and self.sync_to(node) is not None:
+                self._dirty.discard(key)
+                self.stats.repair_syncs += 1
+                started += 1
+        return started
 
     def sweep(self, now: float | None = None) -> int:
         """Remove expired cells now (the timer does this every ``timer_interval`` s)."""
@@ -707,6 +745,8 @@ class HtableService:
             for task in pending:
                 task.cancel()
             result.finished = loop.time()
+        if not result.ok:
+            self._dirty.add(node.key)
         if result.ok:
             log.info(
                 "htable: sync to %s complete: %d cells in %d groups, %.2f s",
@@ -762,6 +802,7 @@ class _Outbox:
     def push(self, table: str, key: str | None, body: bytes) -> None:
         if len(self.queue) >= REPLICATION_QUEUE:
             self.service.stats.replication_dropped += 1
+            self.service.mark_dirty(self.node)
             if not self.warned:
                 self.warned = True
                 log.warning(
@@ -791,6 +832,7 @@ class _Outbox:
                 )
             except DmqError as exc:
                 service.stats.replication_dropped += 1
+                service.mark_dirty(self.node)
                 log.debug("htable: change for %s not sent: %s", _who(self.node), exc)
                 continue
             self.in_flight[future] = (table, key)
@@ -801,6 +843,8 @@ class _Outbox:
         _ignore_outcome(future)
         if not future.cancelled() and future.exception() is None:
             self.warned = False
+            if any(d.status != 200 for d in future.result()):
+                self.service.mark_dirty(self.node)
         self.pump()
 
     def discard(self) -> int:
