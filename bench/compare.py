@@ -2,13 +2,14 @@
 
 Run: ``python bench/compare.py [--smoke] [--duration 10] [--out bench/RESULTS.md]``.
 
-Starts a Kamailio 5.6.3 node (``children=2``, dmq ``num_workers=2``, htable ``t`` replicated;
-the config generator of ``tests/support/kamailio.py``) and a pydmq node configured the same
-(``num_workers=2``, the same htable definition, the real htable consumer; see
-``bench/pydmq_node.py``), both alone on 127.0.0.1. Then, scenario by scenario and server by
-server, sipp drives UDP load and the harness looks for the highest rate that is *clean* over
-``--duration`` seconds: every call answered with the expected code, zero failed calls and zero
-retransmissions (sipp retransmits after 500 ms without an answer).
+Starts a Kamailio 5.6.3 node (``children=2``, dmq ``num_workers=2``, htable ``t`` replicated,
+``maxbuffer`` 4 MB; the config generator of ``tests/support/kamailio.py``) and a pydmq node
+configured the same (``python -m pydmq run``: ``num_workers=2``, the same htable definition
+with the real htable consumer, 4 MB UDP buffers by default), both alone on 127.0.0.1. Then,
+scenario by scenario and server by server, sipp drives UDP load and the harness looks for the
+highest rate that is *clean* over ``--duration`` seconds: every call answered with the expected
+code, zero failed calls and zero retransmissions (sipp retransmits after 500 ms without an
+answer).
 
 Scenarios:
   (a) KDMQ ``sip:htable@…`` with a SET_CELL JSON body (1000 keys cycled): through the DMQ worker
@@ -18,17 +19,17 @@ Scenarios:
 
 Search, per server and scenario: a ramp of short probes (``--ramp-seconds``, rate x1.5 each
 step) finds the first unclean rate, then full-length probes confirm the last clean one and
-bisect between the two (geometric mean, until within 10 %% or ``--max-full`` probes). Each
+bisect between the two (geometric mean, until within 10 % or ``--max-full`` probes). Each
 search has an equal share of ``--budget`` seconds (time spent waiting for a quiet machine not
-counted). A failed probe during which other processes used more than ``--quiet-threshold`` %% of
+counted). A failed probe during which other processes used more than ``--quiet-threshold`` % of
 a core is run again once. A clean probe is "sipp-limited" when sipp used a whole core and
-offered less than 95 %% of the rate; the search then stops climbing and the figure is a lower
+offered less than 95 % of the rate; the search then stops climbing and the figure is a lower
 bound for that server.
 
 Reported per scenario: both clean rates and the ratio pydmq/Kamailio; p50/p99 latency of each
 server at its best clean rate, measured in microseconds by a side probe that sends one request
 every 10 ms during the run (sipp only has millisecond resolution); CPU of each server (all of
-Kamailio's processes, the pydmq process) and of sipp, in %% of one core, over that same run.
+Kamailio's processes, the pydmq process) and of sipp, in % of one core, over that same run.
 ``--smoke`` runs one short low-rate probe per scenario and server, only to prove the harness.
 """
 
@@ -69,6 +70,7 @@ from benchlib import (
 )
 
 KEYS = 1000  # distinct htable keys cycled by scenario (a)
+KAMAILIO_MAXBUFFER = 4 * 1024 * 1024  # = pydmq.sip.transport.UDP_BUFFER_BYTES
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -175,6 +177,9 @@ def kamailio_server(workdir: Path) -> tuple[Server, KamailioNode]:
         htable=True,
         htable_def=HTABLE_DEF,
         ping_interval=60,
+        # pydmq asks the kernel for 4 MB UDP socket buffers; Kamailio's maxbuffer (256 KB by
+        # default) is raised to the same, or it drops sipp's bursts long before its CPU is busy.
+        extra_global=f"maxbuffer={KAMAILIO_MAXBUFFER}",
     )
 
     def cells() -> int | None:
@@ -634,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if kam is not None:
             extra["Kamailio"] = (
-                f"kamailio.cfg from tests/support/kamailio.py: children=2, dmq num_workers=2,"
+                "kamailio.cfg from tests/support/kamailio.py: children=2, dmq num_workers=2,"
+                f" maxbuffer={KAMAILIO_MAXBUFFER} (the UDP buffers pydmq asks for),"
                 f" htable `{HTABLE_DEF}` (enable_dmq=1), OPTIONS -> sl_send_reply 200,"
                 " KDMQ -> dmq_handle_message()"
             )

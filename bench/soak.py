@@ -6,9 +6,11 @@ Run::
     python bench/soak.py --duration 60 --warmup 40         # a short proof run
 
 Three ``pydmq`` node processes on 127.0.0.1 (this file re-run with ``--serve``: a
-:class:`~pydmq.dmq.runtime.DmqNode` from a TOML file, on uvloop like ``pydmq run``, with a
-``soak`` channel and two extra JSON-RPC methods on its unix socket, ``soak.start`` and
-``soak.stats``). Once they list each other as active, the sender broadcasts ``--rate``
+:class:`~pydmq.dmq.runtime.DmqNode` from a TOML file, set up like ``pydmq run`` (uvloop, the
+garbage-collector and malloc tuning), with a ``soak`` channel and extra JSON-RPC methods on its
+unix socket: ``soak.start``, ``soak.stats``, ``soak.expect`` (allocate the receiver's bitmap
+before the load) and ``soak.memory`` (Python blocks, RSS, optionally after ``malloc_trim``,
+for ``--diagnose``)). Once they list each other as active, the sender broadcasts ``--rate``
 messages a second on the ``soak`` channel for ``--duration`` seconds (``DmqApi.bcast_message``,
 so every message is one KDMQ to each of the two other nodes, UDP, Kamailio's tm timers). Each
 body carries the sender's sequence number; each receiver marks the numbers it got per sender
@@ -30,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -56,7 +61,7 @@ from pydmq.dmq.runtime import DmqNode  # noqa: E402
 from pydmq.rpc.client import call as rpc_call  # noqa: E402
 from pydmq.rpc.server import start_rpc  # noqa: E402
 from pydmq.sip.message import Request, Response  # noqa: E402
-from pydmq.sip.transport import install_uvloop  # noqa: E402
+from pydmq.sip.transport import install_uvloop, tune_gc, tune_malloc  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 CHANNEL = "soak"
@@ -85,6 +90,12 @@ class Tally:
         self.reordered: dict[str, int] = {}
         self.last: dict[str, int] = {}
         self.bad = 0
+
+    def expect(self, sender: str, n: int) -> None:
+        """Allocate the bitmap up front, so that it does not count as growth."""
+        bits = self.seen.setdefault(sender, bytearray())
+        if len(bits) < n:
+            bits.extend(bytes(n - len(bits)))
 
     def on_message(self, request: Request, node: Node | None) -> PeerResponse:
         sender = node.orig_uri if node is not None else "?"
@@ -179,6 +190,23 @@ async def serve(config: str, role: str) -> int:
         sender.task = asyncio.ensure_future(sender.run(float(params[0]), float(params[1])))
         return "started"
 
+    def expect(params: list[Any] | dict[str, Any]) -> object:
+        assert isinstance(params, list)
+        tally.expect(str(params[0]), int(params[1]))
+        return "ok"
+
+    def memory(params: list[Any] | dict[str, Any]) -> object:
+        """Allocated Python blocks and RSS; with ``["trim"]`` first return freed heap memory
+        to the system (glibc ``malloc_trim``), which tells live data from allocator caching."""
+        trim = isinstance(params, list) and params[:1] == ["trim"]
+        before = rss_kb(os.getpid())
+        if trim:
+            gc.collect()
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return {"blocks": sys.getallocatedblocks(), "rss_kb": rss_kb(os.getpid()),
+                "rss_before_trim_kb": before}  # fmt: skip
+
     def stats(params: list[Any] | dict[str, Any]) -> object:
         expected = int(params[0]) if isinstance(params, list) and params else None
         out: dict[str, Any] = {
@@ -200,7 +228,13 @@ async def serve(config: str, role: str) -> int:
         return out
 
     await node.start()
-    rpc = await start_rpc(node, settings.rpc, extra={"soak.start": start, "soak.stats": stats})
+    extra = {
+        "soak.start": start,
+        "soak.stats": stats,
+        "soak.expect": expect,
+        "soak.memory": memory,
+    }
+    rpc = await start_rpc(node, settings.rpc, extra=extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -225,6 +259,10 @@ class Proc:
     seeds: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     rss: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
 
     @property
     def sock(self) -> str:
@@ -305,11 +343,14 @@ def drive(args: argparse.Namespace) -> int:
             n.start(args.log_level)
         wait_for(lambda: all(n.rpc("soak.stats")["active"] == 2 for n in nodes), 30, "the cluster")
         time.sleep(1.0)
-        idle = {n.name: rss_kb(n.pid) for n in nodes}
         sender = nodes[0]
+        for n in nodes[1:]:
+            n.rpc("soak.expect", sender.uri, int(args.rate * args.duration) + 1)
+        idle = {n.name: rss_kb(n.pid) for n in nodes}
         sender.rpc("soak.start", args.rate, args.duration)
         t0 = time.monotonic()
         start_rss: dict[str, int] = {}
+        objects_start: dict[str, Any] = {}
         next_report = t0 + args.report_every
         while True:
             now = time.monotonic()
@@ -319,6 +360,8 @@ def drive(args: argparse.Namespace) -> int:
                 n.rss.append((now - t0, rss_kb(n.pid)))
             if not start_rss and now - t0 >= args.warmup:
                 start_rss = {n.name: n.rss[-1][1] for n in nodes}
+                if args.diagnose:
+                    objects_start = {n.name: n.rpc("soak.memory") for n in nodes}
             st = sender.rpc("soak.stats")["sender"]
             if now >= next_report:
                 next_report += args.report_every
@@ -335,6 +378,12 @@ def drive(args: argparse.Namespace) -> int:
         if not start_rss:
             start_rss = {n.name: n.rss[0][1] for n in nodes}
         end_rss = {n.name: rss_kb(n.pid) for n in nodes}
+        if args.diagnose and objects_start:
+            for n in nodes:
+                before, after = objects_start[n.name], n.rpc("soak.memory", "trim")
+                print(f"{n.name}: Python blocks {before['blocks']} -> {after['blocks']}; RSS"
+                      f" {after['rss_before_trim_kb'] / 1024:.1f} MB, after malloc_trim"
+                      f" {after['rss_kb'] / 1024:.1f} MB")  # fmt: skip
         final = {n.name: n.rpc("soak.stats", st["sent"]) for n in nodes}
         sent = final["sender"]["sender"]["sent"]
         replies = final["sender"]["sender"]["replies"]
@@ -386,11 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-every", type=float, default=10.0)
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--keep", action="store_true", help="keep the logs")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="print Python blocks and RSS after malloc_trim"
+    )
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="receiver", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
+        # The process set-up of ``pydmq run``.
         install_uvloop()
+        tune_gc()
+        tune_malloc()
         return asyncio.run(serve(args.serve, args.role))
     if args.warmup >= args.duration:
         parser.error("--warmup must be shorter than --duration")

@@ -23,7 +23,7 @@ from pydmq.rpc import command as rpc_command
 from pydmq.rpc.protocol import Handler
 from pydmq.rpc.server import start_rpc
 from pydmq.script.loader import ScriptError, ScriptRoute, load_route
-from pydmq.sip.transport import install_uvloop
+from pydmq.sip.transport import install_uvloop, tune_gc, tune_malloc
 
 log = logging.getLogger("pydmq")
 
@@ -167,6 +167,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("routing script %s", os.path.abspath(script))
     if install_uvloop():
         log.debug("using uvloop")
+    tune_gc()
+    if tune_malloc():
+        log.debug("glibc mmap threshold pinned")
     return asyncio.run(_serve(settings, args.duration, args.status_file, route))
 
 

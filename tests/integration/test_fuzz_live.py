@@ -38,6 +38,7 @@ def test_live_node_survives_mutated_datagrams(tmp_path: Path) -> None:
     print("\n" + report.render())
     report.check(rss_factor=2.0, rss_slack_kb=50 * 1024, max_missed=3)
     assert report.node_received >= 0.95 * report.sent, report.render()
+    assert report.pings_sent >= 10, report.render()
     assert report.exit_code == 0, f"the node did not stop cleanly\n{target.log_tail()}"
     # The mutants really went deep: answered 400s, notification bodies merged, htable JSON.
     assert report.delta("sip", "bad_requests") > 100, report.render()

@@ -22,7 +22,10 @@ and lets at most a few markers be unanswered: the node reads its socket in order
 200 means everything before it was read. That keeps the node busy without letting the kernel
 drop most of the load. What the node really received is counted by the node itself
 (``dmq.stats`` over the unix RPC socket: SIP messages handed up plus oversize datagrams
-dropped), minus the markers, pings and the peer's traffic.
+dropped), minus the markers, pings and everything the peer sent (a lower bound: some of the
+peer's sends go to injected nodes, not to the target); in the namespace, the kernel's UDP
+``RcvbufErrors`` counter says exactly how many datagrams were dropped before any socket read
+them.
 
 Liveness. A second socket sends an OPTIONS every ``ping_interval`` (no retransmission) and each
 must be answered within ``ping_timeout``; misses, the longest run of misses and the slowest
@@ -45,9 +48,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from socket import socket as Socket
 from types import TracebackType
 from typing import Any
 
@@ -231,7 +235,7 @@ class Pinger(threading.Thread):
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: Socket,
         dest_port: int,
         *,
         pid: int,
@@ -294,7 +298,7 @@ class Pinger(threading.Thread):
             if ready:
                 self._read(sock)
 
-    def _read(self, sock: socket.socket) -> None:
+    def _read(self, sock: Socket) -> None:
         while True:
             try:
                 data = sock.recv(65535, socket.MSG_DONTWAIT)
@@ -339,6 +343,7 @@ class FuzzReport:
     markers_lost: int = 0
     replies_to_fuzzer: int = 0
     node_received: int = 0  # fuzz datagrams the target counted (estimate, see module doc)
+    kernel_drops: int | None = None  # UDP RcvbufErrors in the namespace (None: not known)
     elapsed: float = 0.0
     pings_sent: int = 0
     pings_answered: int = 0
@@ -377,9 +382,11 @@ class FuzzReport:
             f"seed {self.seed}: {self.sent} datagrams sent ({self.sent_bytes / 1e6:.1f} MB) in "
             f"{self.elapsed:.1f} s = {rate:.0f}/s; {self.keepalives_skipped} keep-alive-only"
             f" mutants skipped, {self.send_errors} send errors",
-            f"received by the node: {self.node_received} ({self.received_pct:.2f} %);"
+            f"received by the node: {self.node_received} ({self.received_pct:.2f} %, its counters"
+            " minus the peer's sends: a lower bound);"
             f" markers {self.markers_sent} sent / {self.markers_lost} unanswered;"
-            f" {self.replies_to_fuzzer} replies came back to the fuzzer",
+            f" {self.replies_to_fuzzer} replies came back to the fuzzer; kernel receive-buffer"
+            f" drops {'n/a' if self.kernel_drops is None else self.kernel_drops}",
             f"pings: {self.pings_sent} sent, {self.pings_answered} answered, {self.pings_missed}"
             f" missed ({self.pings_late} answered late), longest miss run {self.worst_miss_run},"
             f" slowest answer {self.max_ping_latency * 1000:.0f} ms, codes {self.ping_codes}",
@@ -478,7 +485,7 @@ class FuzzBed:
             start_new_session=True,
         )  # fmt: skip
 
-    def socket(self, rcvbuf: int = 4 * 1024 * 1024) -> socket.socket:
+    def socket(self, rcvbuf: int = 4 * 1024 * 1024) -> Socket:
         """A UDP socket on 127.0.0.1 inside the bed, bound to an ephemeral port."""
         sock = (
             self.net.socket("fuzz")
@@ -491,6 +498,17 @@ class FuzzBed:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         sock.bind(("127.0.0.1", 0))
         return sock
+
+    def udp_rcvbuf_errors(self) -> int | None:
+        """UDP datagrams the kernel dropped for a full receive buffer, in the namespace (on
+        the host the counter is shared with everything else: None)."""
+        if self.net is None:
+            return None
+        lines = [ln.split() for ln in self.net.exec("fuzz", ["cat", "/proc/net/snmp"]).splitlines()]
+        udp = [ln for ln in lines if ln and ln[0] == "Udp:"]
+        if len(udp) < 2 or "RcvbufErrors" not in udp[0]:
+            return None
+        return int(udp[1][udp[0].index("RcvbufErrors")])
 
     def _port(self) -> int:
         # In the namespace every port is free; on the host take one nobody holds.
@@ -558,6 +576,7 @@ class FuzzBed:
         time.sleep(0.5)
         report.stats_before = target.rpc("dmq.stats")
         peer_before = peer.rpc("dmq.stats")
+        drops_before = self.udp_rcvbuf_errors()
         report.rss_start_kb = rss_kb(target.pid)
         pinger = Pinger(ping_sock, target.port, pid=target.pid, interval=ping_interval,
                         timeout=ping_timeout)  # fmt: skip
@@ -621,22 +640,23 @@ class FuzzBed:
         peer_after = peer.rpc("dmq.stats")
         total = report.delta("sip", "received") + report.delta("transport", "udp_dropped")
         peer_sent = int(peer_after["sip"]["sent"]) - int(peer_before["sip"]["sent"])
-        report.node_received = max(
-            0, total - peer_sent - report.pings_sent - report.markers_sent
-        )
+        report.node_received = max(0, total - peer_sent - report.pings_sent - report.markers_sent)
+        drops_after = self.udp_rcvbuf_errors()
+        if drops_before is not None and drops_after is not None:
+            report.kernel_drops = drops_after - drops_before
         self._check_membership(target, peer, report)
         return report
 
     def _await_marker(
         self,
-        sock: socket.socket,
+        sock: Socket,
         markers: deque[tuple[bytes, float]],
         prefix: bytes,
         timeout: float,
         report: FuzzReport,
     ) -> None:
         """Read replies until the oldest marker is answered (or times out)."""
-        oldest, sent_at = markers[0]
+        _, sent_at = markers[0]
         while True:
             remaining = sent_at + timeout - time.monotonic()
             if remaining <= 0:
@@ -696,9 +716,3 @@ class FuzzBed:
         """Stop the target gracefully; record its exit code and any traceback it logged."""
         report.exit_code = target.stop(timeout=10)
         report.tracebacks = _tracebacks(target.log_text())
-
-
-@contextlib.contextmanager
-def fuzz_bed(workdir: Path, *, netns: bool = True) -> Iterator[FuzzBed]:
-    with FuzzBed(workdir, netns=netns) as bed:
-        yield bed

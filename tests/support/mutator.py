@@ -249,7 +249,8 @@ class Mutator:
         out = data
         for _ in range(r.choice((1, 1, 3))):
             i = r.randrange(len(out) + 1)
-            out = out[:i] + r.choice((b"\r", b"\n", b"\r\n", b"\x00", b"\r\n\r\n", b"\n\n")) + out[i:]
+            junk = r.choice((b"\r", b"\n", b"\r\n", b"\x00", b"\r\n\r\n", b"\n\n"))
+            out = out[:i] + junk + out[i:]
         return out
 
     def line_endings(self, data: bytes) -> bytes:
@@ -307,7 +308,7 @@ class Mutator:
         head, body = _head_body(data)
         choice = r.randrange(7)
         if choice == 0:  # huge / odd number
-            value = r.choice(_NUMBERS + [str(r.randrange(10**12)).encode()])
+            value = r.choice([*_NUMBERS, str(r.randrange(10**12)).encode()])
             return self._set_header(data, (b"Content-Length", b"l"), b"Content-Length: " + value)
         if choice == 1:  # off by a little
             value = str(max(0, len(body) + r.randrange(-5, 6))).encode()
@@ -341,7 +342,7 @@ class Mutator:
     # -- start line ---------------------------------------------------------------------------
     def request_line(self, data: bytes) -> bytes:
         r = self.rng
-        head, _, rest = data.partition(b"\r\n")
+        _, _, rest = data.partition(b"\r\n")
         method = r.choice(_METHODS) if r.random() < 0.7 else r.randbytes(r.randrange(1, 12))
         if r.random() < 0.2:
             method = method * r.randrange(2, 200)
@@ -368,10 +369,15 @@ class Mutator:
     def via(self, data: bytes) -> bytes:
         r = self.rng
         port = r.choice((b"", b":5060", b":0", b":65535", b":65536", b":99999999", b":-1", b":x"))
-        params = r.choice(
+        branch = r.choice(
             (b";branch=z9hG4bK" + r.randbytes(8).hex().encode(), b";branch=", b"", b";branch")
-        ) + r.choice((b";rport", b";rport=1", b";rport=abc", b";received=1.2.3.4", b";received=x", b""))
-        host = r.choice((b"127.0.0.1", b"[::1]", b"localhost", b"", b"[", b"127.0.0.1.", b"a" * 300))
+        )
+        rport = r.choice(
+            (b";rport", b";rport=1", b";rport=abc", b";received=1.2.3.4", b";received=x", b"")
+        )
+        params = branch + rport
+        hosts = (b"127.0.0.1", b"[::1]", b"localhost", b"", b"[", b"127.0.0.1.", b"a" * 300)
+        host = r.choice(hosts)
         transport = r.choice((b"UDP", b"TCP", b"TLS", b"SCTP", b"WS", b"udp", b"", b"X" * 40))
         value = b"SIP/2.0/" + transport + b" " + host + port + params
         if r.random() < 0.2:
@@ -384,10 +390,12 @@ class Mutator:
         r = self.rng
         what = r.randrange(5)
         if what == 0:
-            return self._set_header(data, (b"Max-Forwards",), b"Max-Forwards: " + r.choice(_NUMBERS))
+            value = r.choice(_NUMBERS)
+            return self._set_header(data, (b"Max-Forwards",), b"Max-Forwards: " + value)
         if what == 1:
             method = r.choice((b"KDMQ", b"OPTIONS", b"INVITE", b"", b"KDMQ KDMQ"))
-            return self._set_header(data, (b"CSeq",), b"CSeq: " + r.choice(_NUMBERS) + b" " + method)
+            value = r.choice(_NUMBERS) + b" " + method
+            return self._set_header(data, (b"CSeq",), b"CSeq: " + value)
         if what == 2:
             call_id = r.choice((b"", b"a b", b"x" * 2000, r.randbytes(8).hex().encode()))
             return self._set_header(data, (b"Call-ID", b"i"), b"Call-ID: " + call_id)
