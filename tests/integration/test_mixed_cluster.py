@@ -24,8 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from pydmq.config import RpcSettings
 from pydmq.dmq.node import NodeStatus
 from pydmq.dmq.runtime import kdmq_uri
+from pydmq.rpc.client import call as rpc_call
+from pydmq.rpc.server import start_rpc
 from tests.support.interop import (
     SCRIPT_SEND_ROUTE,
     Cluster,
@@ -235,3 +238,30 @@ async def test_graceful_pydmq_stop_is_announced_and_kamailio_disables_it(
     assert announcement.from_uri == f"sip:notification_peer@{py_at}"
     assert announcement.body.endswith(b"\r\n") and b"\r\n\r\n" not in announcement.body
     assert dmq_log_problems(k) == []
+
+
+async def test_list_nodes_over_rpc_agrees_with_kamailio(cluster: Cluster) -> None:
+    """``dmq.list_nodes`` asked over JSON-RPC of a Kamailio node and of a pydmq node in one
+    cluster: the same nodes, the same statuses, Kamailio's fields in Kamailio's order (pydmq
+    adds 6.1's ``fail_count`` at the end)."""
+    k1 = await cluster.kamailio("k1", ping_interval=PING)
+    py = await cluster.pydmq(notification_address=[k1.uri], ping_interval=PING)
+    await _k_sees(k1, {f"127.0.0.1:{py.port}": "active"})
+    servers = await start_rpc(py.node, RpcSettings(http_address="127.0.0.1:0"))
+    try:
+        assert servers.http is not None
+        host, port = servers.http.address[:2]
+        ours = await asyncio.to_thread(rpc_call, "dmq.list_nodes", [], http=f"{host}:{port}")
+    finally:
+        await servers.close()
+    theirs = await asyncio.to_thread(k1.list_nodes)
+    assert isinstance(ours, list)
+
+    def view(rows: list[dict[str, object]]) -> set[tuple[object, ...]]:
+        return {(r["host"], r["port"], r["proto"], r["resolved_ip"], r["status"]) for r in rows}
+
+    assert view(ours) == view(theirs)
+    k_keys = list(theirs[0])
+    for row in ours:
+        assert list(row)[: len(k_keys)] == k_keys
+        assert list(row)[len(k_keys) :] == ["fail_count"]
