@@ -243,6 +243,8 @@ class HtableService:
         self._known: set[NodeKey] = set()
         #: Nodes that did not acknowledge a change or a sync group: they get a full push.
         self._dirty: set[NodeKey] = set()
+        #: The sync this node asked for last: nodes asked, final groups seen, cells applied.
+        self.sync_in: dict[str, int] = {"asked": 0, "finished": 0, "groups": 0, "cells": 0}
         self._sweeper: asyncio.Task[None] | None = None
         self._repairer: asyncio.Task[None] | None = None
         self._closed = False
@@ -529,6 +531,9 @@ class HtableService:
         now = self.store.now()
         applied = 0
         missing: set[str] = set()
+        self.sync_in["groups"] += 1
+        if not bulk.cells:
+            self.sync_in["finished"] += 1  # the empty group closes one node's answer
         for cell in bulk.cells:
             if cell.htname not in self.store:
                 missing.add(cell.htname)
@@ -548,6 +553,7 @@ class HtableService:
             )
         self.stats.groups_received += 1
         self.stats.cells_received += applied
+        self.sync_in["cells"] += applied
         key: object = node.key if node is not None else sender
         progress = self._incoming.get(key)
         now_mono = time.monotonic()
@@ -609,6 +615,7 @@ class HtableService:
         if table is not None:
             self.store.table(table)
         targets = self.node.nodes.active_remote() if self.node is not None else []
+        self.sync_in = {"asked": len(targets), "finished": 0, "groups": 0, "cells": 0}
         log.info(
             "htable: requesting sync of %s from %d nodes",
             f"table {table!r}" if table else "all tables",

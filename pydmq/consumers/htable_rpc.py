@@ -69,6 +69,7 @@ __all__ = [
     "htable_setxs",
     "htable_stats",
     "htable_store",
+    "htable_syncstatus",
     "rpc_methods",
 ]
 
@@ -286,6 +287,12 @@ def htable_dmqsync(service: HtableService, params: list[object]) -> object:
     return "Ok. Sync requested."
 
 
+def htable_syncstatus(service: HtableService, params: list[object]) -> object:
+    """pydmq: progress of the sync this node asked for last (``htable.dmqsync``): nodes asked,
+    nodes whose answer ended (an empty final group), groups and cells received so far."""
+    return dict(service.sync_in)
+
+
 _METHODS: dict[str, Callable[[HtableService, list[object]], object]] = {
     "htable.get": htable_get,
     "htable.sets": htable_sets,
@@ -301,6 +308,7 @@ _METHODS: dict[str, Callable[[HtableService, list[object]], object]] = {
     "htable.reload": htable_reload,
     "htable.store": htable_store,
     "htable.dmqsync": htable_dmqsync,
+    "htable.syncstatus": htable_syncstatus,
 }
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from pydmq.config import CONFIG_ENV, ConfigError, load_settings
@@ -76,7 +77,42 @@ def run(args: argparse.Namespace) -> int:
     except RpcClientError as exc:
         print(f"pydmq rpc: no reply: {exc}", file=sys.stderr)
         return EXIT_NO_REPLY
-    return _print(response, raw=args.json)
+    code = _print(response, raw=args.json)
+    if code == 0 and args.method == "htable.dmqsync" and not args.json:
+        try:
+            _sync_progress(http, unix, args.timeout)
+        except RpcClientError as exc:
+            print(f"pydmq rpc: progress unavailable: {exc}", file=sys.stderr)
+    return code
+
+
+#: How long without a new sync group before the progress display gives up waiting.
+SYNC_QUIET = 3.0
+
+
+def _sync_progress(http: str | None, unix: str | None, timeout: float) -> None:
+    """Draw a progress bar of the sync just requested until every asked node's answer ended
+    (its empty final group) or nothing arrived for :data:`SYNC_QUIET` seconds (Kamailio's last
+    group may carry cells, so only quiet tells its answer is over)."""
+    width = 30
+    last_groups, quiet_since = -1, time.monotonic()
+    while True:
+        status = request("htable.syncstatus", [], http=http, unix=unix, timeout=timeout).result
+        if not isinstance(status, dict):
+            return
+        asked, done = int(status.get("asked", 0)), int(status.get("finished", 0))
+        groups, cells = int(status.get("groups", 0)), int(status.get("cells", 0))
+        filled = width if asked == 0 else min(width, width * done // asked)
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{asked} nodes done, {cells:,} cells in {groups} groups")
+        sys.stderr.flush()
+        now = time.monotonic()
+        if groups != last_groups:
+            last_groups, quiet_since = groups, now
+        if done >= asked or now - quiet_since > SYNC_QUIET:
+            sys.stderr.write("\n")
+            return
+        time.sleep(0.2)  # polling a remote process: there is no event to wait on
 
 
 def _print(response: RpcResponse, *, raw: bool) -> int:

@@ -25,16 +25,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pydmq.config import settings_from_mapping
+from pydmq.config import RpcSettings, settings_from_mapping
 from pydmq.consumers.htable import HtableService, attach
+from pydmq.consumers.htable_rpc import rpc_methods
 from pydmq.dmq.runtime import DmqNode
+from pydmq.rpc.server import start_rpc
 from tests.support.interop import Cluster, dmq_log_problems, poll
 from tests.support.kamailio import KamailioNode
 from tests.support.net import build_request, free_port, udp_request
@@ -465,3 +469,31 @@ async def test_kamailio_joining_late_gets_pydmqs_table(
     assert len(got) >= result.groups_sent and {m.proto for m in got} == {transport}
     assert max(len(m.body) for m in got) <= limit
     assert await asyncio.to_thread(_htable_problems, k) == []
+
+
+async def test_dmqsync_from_the_cli_shows_progress(py: PyCluster) -> None:
+    """``pydmq rpc htable.dmqsync`` on a node asks its peers for their tables and draws a
+    progress bar until every asked node's answer has ended."""
+    a_node, a = await py.start()
+    for i in range(5000):
+        a.store.set("t", f"k{i:05d}", i)
+    b_node, b = await py.start(seeds=[uri(a_node)], dmq_init_sync=False)
+    await until(b_node.nodes.active_remote, what="b to join")
+    assert b.items("t") == []  # no sync at join: dmq_init_sync is off
+    servers = await start_rpc(b_node, RpcSettings(http_address="127.0.0.1:0"), extra=rpc_methods(b))
+    try:
+        assert servers.http is not None
+        host, port = servers.http.address[:2]
+        argv = [sys.executable, "-m", "pydmq", "rpc", "--http", f"{host}:{port}"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, "htable.dmqsync", stdout=PIPE, stderr=PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await servers.close()
+    assert proc.returncode == 0, err
+    assert b"Ok. Sync requested." in out
+    final = err.decode().rsplit("\r", 1)[-1]
+    assert "1/1 nodes done, 5,000 cells" in final, err
+    assert final.startswith("[" + "#" * 30 + "]")
+    assert len(b.items("t")) == 5000
