@@ -651,7 +651,9 @@ class HtableService:
         when a sync to that node is already running (duplicate requests are ignored)."""
         running = self._syncs.get(node.key)
         if running is not None and not running.done():
-            log.info("htable: sync to %s already running; request ignored", _who(node))
+            # The running push lists the keys of when it started: push again once it is over.
+            self._dirty.add(node.key)
+            log.info("htable: sync to %s already running; another follows it", _who(node))
             return None
         task = asyncio.get_running_loop().create_task(self._sync(node.snapshot(), table))
         self._syncs[node.key] = task
