@@ -30,6 +30,7 @@ import pytest
 
 from tests.support.dns import DnsmasqServer, SrvRecord
 from tests.support.net import free_port, wait_until
+from tests.support.toml import to_toml
 
 #: Polling interval for status files: small, so measured times are accurate to ~10 ms.
 POLL = 0.01
@@ -43,22 +44,6 @@ Row = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------ processes
-
-
-def _toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string of plain ASCII is a TOML basic string
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
-    return "".join(
-        f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) + "\n"
-        for name, body in tables.items()
-    )
 
 
 @dataclass
@@ -100,7 +85,7 @@ class PydmqProcess:
             "rpc": {"http_address": ""},  # many nodes on one host: no fixed RPC port
             "log": {"level": "INFO"},
         }
-        self.config_path.write_text(_toml({k: v for k, v in tables.items() if v}))
+        self.config_path.write_text(to_toml({k: v for k, v in tables.items() if v}))
         # Only the file configures the node: no PYDMQ_* variable of the caller leaks in.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYDMQ_")}
         with self.log_path.open("wb") as log:

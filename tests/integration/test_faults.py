@@ -60,6 +60,7 @@ from pydmq.rpc.client import call as rpc_call
 from tests.support.kamailio import KamailioNode
 from tests.support.net import wait_until
 from tests.support.netns import TestNet, cleanup_leftovers
+from tests.support.toml import to_toml
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -85,23 +86,6 @@ Row = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------ harness
-
-
-def _toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
-    return "".join(
-        f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) + "\n"
-        for name, body in tables.items()
-        if body
-    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +147,7 @@ class NetNode:
             "htable": {"tables": [HTABLE], "enable_dmq": True, "dmq_init_sync": True},
             "log": {"level": "INFO"},
         }
-        self.config_path.write_text(_toml(tables))
+        self.config_path.write_text(to_toml(tables))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYDMQ_")}
         argv = [sys.executable, "-m", "pydmq.cli", "run", "-c", str(self.config_path),
                 "--status-file", str(self.status_path)]  # fmt: skip

@@ -35,7 +35,6 @@ answer are reported. VmRSS of the target is sampled from ``/proc`` throughout.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import select
@@ -56,6 +55,7 @@ from types import TracebackType
 from typing import Any
 
 from pydmq.rpc.client import call as rpc_call
+from tests.support.toml import to_toml
 
 from .mutator import Mutator, is_keepalive, load_corpus
 from .net import free_port, wait_until
@@ -76,22 +76,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def _toml(tables: dict[str, dict[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        return "[" + ", ".join(value(x) for x in v) + "]"
-
-    return "".join(
-        f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) + "\n"
-        for name, body in tables.items()
-    )
 
 
 def options(local: tuple[str, int], dest_port: int, call_id: str) -> bytes:
@@ -163,7 +147,7 @@ class LiveNode:
         tables = {k: dict(v) for k, v in self.tables.items()}
         tables.setdefault("rpc", {}).update({"http_address": "", "unix_socket": self.rpc_path})
         config = self.workdir / f"{self.name}.toml"
-        config.write_text(_toml(tables))
+        config.write_text(to_toml(tables))
         argv = [sys.executable, "-m", "pydmq", "run", "-c", str(config),
                 "--status-file", str(self.status_path)]  # fmt: skip
         with self.log_path.open("ab") as log:
