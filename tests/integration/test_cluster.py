@@ -15,7 +15,6 @@ Run with ``-s`` to see the measured times.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 
 from tests.support.dns import DnsmasqServer, SrvRecord
 from tests.support.net import free_port, wait_until
+from tests.support.statusfile import read_status, status_rows
 from tests.support.toml import to_toml
 
 #: Polling interval for status files: small, so measured times are accurate to ~10 ms.
@@ -111,18 +111,12 @@ class PydmqProcess:
         return self.proc is not None and self.proc.poll() is not None
 
     def status(self) -> dict[str, Any] | None:
-        """The last status file the node wrote (replaced atomically, so always whole JSON)."""
-        try:
-            return json.loads(self.status_path.read_text())  # type: ignore[no-any-return]
-        except FileNotFoundError:
-            return None
+        """The last status file the node wrote."""
+        return read_status(self.status_path)
 
     def rows(self) -> dict[str, Row]:
         """``host:port`` -> ``dmq.list_nodes`` row, the local node included ({} before start)."""
-        status = self.status()
-        if status is None:
-            return {}
-        return {f"{r['host']}:{r['port']}": r for r in status["nodes"]}
+        return status_rows(self.status_path)
 
     def row(self, other: PydmqProcess) -> Row | None:
         return self.rows().get(other.hostport)

@@ -60,6 +60,7 @@ from pydmq.rpc.client import call as rpc_call
 from tests.support.kamailio import KamailioNode
 from tests.support.net import wait_until
 from tests.support.netns import TestNet, cleanup_leftovers
+from tests.support.statusfile import read_status, status_rows
 from tests.support.toml import to_toml
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -162,16 +163,10 @@ class NetNode:
 
     # -- observation -------------------------------------------------------------------------
     def status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.status_path.read_text())  # type: ignore[no-any-return]
-        except FileNotFoundError:
-            return None
+        return read_status(self.status_path)
 
     def rows(self) -> dict[str, Row]:
-        status = self.status()
-        if status is None:
-            return {}
-        return {f"{r['host']}:{r['port']}": r for r in status["nodes"]}
+        return status_rows(self.status_path)
 
     def sees(self, others: Sequence[NetNode]) -> bool:
         """Lists exactly ``others`` (itself included), every remote one active."""
