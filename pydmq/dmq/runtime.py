@@ -18,7 +18,7 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from functools import lru_cache
 
 from pydmq.config import Settings
@@ -335,31 +335,28 @@ class DmqNode:
             self._process_inline(peer, incoming)
             return 1
 
-        async def job() -> None:
-            await self._process(peer, incoming)
+        # The From identity is parsed once: it picks the worker (per-sender order) and, in the
+        # job, finds the sender node (looked up then, as the list may change meanwhile).
+        sender = _sender_key(incoming.request)
 
-        if not self.workers.submit(self._sender_key(incoming), job):
+        async def job() -> None:
+            await self._process(peer, incoming, sender)
+
+        queue_key = sender if sender is not None else (incoming.source.host, incoming.source.port)
+        if not self.workers.submit(queue_key, job):
             self.stats.record_rejected(503)
             incoming.reply(503, "Service Unavailable", extra_headers=[("Retry-After", "1")])
             return -1
         self.stats.record_in(channel)
         return 1
 
-    def _sender_key(self, incoming: IncomingRequest) -> Hashable:
-        try:
-            return _from_key(incoming.request)
-        except (SipParseError, NodeError):
-            return (incoming.source.host, incoming.source.port)
-
     def sender_node(self, request: Request) -> Node | None:
         """The node that sent ``request``, by its From URI (Kamailio's primary identity rule)."""
-        try:
-            return self.nodes.find(_from_key(request))
-        except (SipParseError, NodeError):
-            return None
+        key = _sender_key(request)
+        return None if key is None else self.nodes.find(key)
 
-    async def _process(self, peer: Peer, incoming: IncomingRequest) -> None:
-        node = self.sender_node(incoming.request)
+    async def _process(self, peer: Peer, incoming: IncomingRequest, sender: NodeKey | None) -> None:
+        node = None if sender is None else self.nodes.find(sender)
         response = await run_callback(peer, incoming.request, node)
         self._answer(peer, incoming, response)
 
@@ -585,10 +582,14 @@ class DmqNode:
         stats.retransmissions = ep.stats.absorbed_retransmissions + ep.layer.retransmissions
 
 
-def _from_key(request: Request) -> NodeKey:
-    uri = request.from_.uri
-    transport = f";transport={uri.transport}" if uri.transport else ""
-    return node_key(f"sip:{uri.hostport()}{transport}")
+def _sender_key(request: Request) -> NodeKey | None:
+    """The identity (host, port, transport) of the From URI; None when it cannot be read."""
+    try:
+        uri = request.from_.uri
+        transport = f";transport={uri.transport}" if uri.transport else ""
+        return node_key(f"sip:{uri.hostport()}{transport}")
+    except (SipParseError, NodeError):
+        return None
 
 
 def _covers_everything(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
