@@ -463,46 +463,52 @@ class HtableService:
         return response
 
     def _handle(self, request: Request, node: Node | None) -> PeerResponse:
-        sender = _who(node) if node is not None else _from_text(request)
+        # The sender's name is only for log lines (and sync bookkeeping): made when needed.
         if request.content_length is None:
-            log.warning("htable: KDMQ from %s without Content-Length: 400", sender)
+            log.warning("htable: KDMQ from %s without Content-Length: 400", _sender(node, request))
             return _BAD
         body = request.body
         if len(body) > self.max_body:
-            log.warning("htable: %d-byte body from %s is too big: 400", len(body), sender)
+            log.warning(
+                "htable: %d-byte body from %s is too big: 400", len(body), _sender(node, request)
+            )
             return _BAD
         try:
             message = decode(body)
         except BadRequest as exc:
-            log.warning("htable: bad KDMQ from %s: %s: 400", sender, exc)
+            log.warning("htable: bad KDMQ from %s: %s: 400", _sender(node, request), exc)
             return _BAD
         if isinstance(message, Bulk):
-            self._apply_bulk(message, node, sender)
+            self._apply_bulk(message, node, _sender(node, request))
             return _OK
         if message.action == ACTION_SYNC:
-            self._answer_sync(node, message.htname or None, sender)
+            self._answer_sync(node, message.htname or None, _sender(node, request))
             return _OK
         try:
             self._apply_action(message)
         except BadRequest as exc:
-            log.warning("htable: bad KDMQ from %s: %s: 400", sender, exc)
+            log.warning("htable: bad KDMQ from %s: %s: 400", _sender(node, request), exc)
             return _BAD
         except (HtableError, ValueError) as exc:
-            log.error("htable: failed to replay action %d from %s: %s", message.action, sender, exc)
+            who = _sender(node, request)
+            log.error("htable: failed to replay action %d from %s: %s", message.action, who, exc)
             return _ERR
         return _OK
 
     def _apply_action(self, a: Action) -> None:
         """Kamailio's ``ht_dmq_replay_action``; never replicates."""
-        if a.htname is None or a.htname not in self.store:
-            raise UnknownTableError(a.htname or "")
         table = a.htname
-        if a.action in (ACTION_SET_CELL, ACTION_SET_CELL_EXPIRE, ACTION_DEL_CELL):
+        if table is None or table not in self.store.tables:
+            raise UnknownTableError(table or "")
+        action = a.action
+        if action == ACTION_SET_CELL:  # the common case first
+            if a.cname is None:
+                raise BadRequest(f"action {action} without cname")
+            self.store.set(table, a.cname, a.value())
+        elif a.action in (ACTION_SET_CELL_EXPIRE, ACTION_DEL_CELL):
             if a.cname is None:
                 raise BadRequest(f"action {a.action} without cname")
-            if a.action == ACTION_SET_CELL:
-                self.store.set(table, a.cname, a.value())
-            elif a.action == ACTION_SET_CELL_EXPIRE:
+            if a.action == ACTION_SET_CELL_EXPIRE:
                 if a.intval is None:
                     raise BadRequest("SET_CELL_EXPIRE without intval")
                 self.store.set_expire(table, a.cname, a.intval)
@@ -885,6 +891,11 @@ def _who(node: Node) -> str:
     port = f":{node.port_str}" if node.port_str else ""
     transport = f";transport={node.proto}" if node.proto in ("tcp", "tls") else ""
     return f"sip:{node.host}{port}{transport}"
+
+
+def _sender(node: Node | None, request: Request) -> str:
+    """The sender of ``request`` for log lines: the node, else the From URI as written."""
+    return _who(node) if node is not None else _from_text(request)
 
 
 def _from_text(request: Request) -> str:

@@ -279,19 +279,29 @@ def decode(body: bytes) -> Action | Bulk:
     root = _load(body)
     if next(iter(root)) == "cells":
         return _decode_bulk(root["cells"], b"\\u" in body)
-    fields: dict[str, Any] = {}
+    escapes = b"\\u" in body
+    fields: dict[str, Any] | None = None  # only when a number needs converting (rare)
     for key, value in root.items():
-        if key not in SINGLE_KEYS:
+        if key in _STR_KEYS:
+            if escapes or type(value) is not str:
+                _string(key, value)  # the checks (and the errors) of every other path
+        elif key not in SINGLE_KEYS:
             raise BadRequest(f"unrecognized field in json object: {key!r}")
-        fields[key] = _string(key, value) if key in _STR_KEYS else _number(key, value)
+        elif type(value) is not int or not INT_MIN <= value <= INT_MAX:
+            if fields is None:
+                fields = {}
+            fields[key] = _number(key, value)  # a float, or an error
+    if fields:
+        root.update(fields)
+    get = root.get
     return Action(
-        action=fields.get("action", ACTION_NONE),
-        htname=fields.get("htname"),
-        cname=fields.get("cname"),
-        type=fields.get("type", 0),
-        strval=fields.get("strval"),
-        intval=fields.get("intval"),
-        mode=fields.get("mode", 0),
+        get("action", ACTION_NONE),
+        get("htname"),
+        get("cname"),
+        get("type", 0),
+        get("strval"),
+        get("intval"),
+        get("mode", 0),
     )
 
 

@@ -294,18 +294,22 @@ class HtableStore:
         """``ht_set_cell_ex``: store ``value``; ``expire > 0`` = expires that many seconds from
         now (autoexpire tables only), else the table's rules (see the module docstring)."""
         t = self.table(table)
-        name_bytes = check_str(name)
+        # ASCII text always encodes (isascii() is a flag test): only other text is checked.
+        if type(name) is not str or not name.isascii():
+            check_str(name)
         if isinstance(value, str):
-            check_str(value)
+            if not value.isascii():
+                check_str(value)
         else:
             check_int(value)
-        now = self.now() if t.autoexpire > 0 else 0
-        explicit = expire > 0 and t.autoexpire > 0
-        new_expire = now + (expire if explicit else t.autoexpire)
+        autoexpire = t.autoexpire
+        now = self.now() if autoexpire > 0 else 0
+        explicit = expire > 0 and autoexpire > 0
+        new_expire = now + (expire if explicit else autoexpire)
         cell = t.cells.get(name)
         if cell is None:
             self._seq += 1
-            cell = Cell(name, value, new_expire, core_case_hash(name_bytes), self._seq)
+            cell = Cell(name, value, new_expire, core_case_hash(check_str(name)), self._seq)
             t.cells[name] = cell
             return cell
         cell.value = value

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from pydmq.config import Settings
 from pydmq.dmq.multinotify import (
@@ -36,7 +36,7 @@ from pydmq.dmq.notification import (
     RunInitCallbacks,
     SendNotification,
 )
-from pydmq.dmq.peer import Peer, PeerRegistry, PeerResponse, run_callback, run_init_callbacks
+from pydmq.dmq.peer import Peer, PeerRegistry, PeerResponse, run_init_callbacks
 from pydmq.dmq.stats import DmqStats, EventBus
 from pydmq.dmq.worker import WorkerPool
 from pydmq.sip.endpoint import IncomingRequest, SipEndpoint
@@ -337,13 +337,9 @@ class DmqNode:
 
         # The From identity is parsed once: it picks the worker (per-sender order) and, in the
         # job, finds the sender node (looked up then, as the list may change meanwhile).
-        sender = _sender_key(incoming.request)
-
-        async def job() -> None:
-            await self._process(peer, incoming, sender)
-
+        sender = _sender_key(req)
         queue_key = sender if sender is not None else (incoming.source.host, incoming.source.port)
-        if not self.workers.submit(queue_key, job):
+        if not self.workers.submit(queue_key, partial(self._process, peer, incoming, sender)):
             self.stats.record_rejected(503)
             incoming.reply(503, "Service Unavailable", extra_headers=[("Retry-After", "1")])
             return -1
@@ -355,10 +351,21 @@ class DmqNode:
         key = _sender_key(request)
         return None if key is None else self.nodes.find(key)
 
-    async def _process(self, peer: Peer, incoming: IncomingRequest, sender: NodeKey | None) -> None:
+    def _process(
+        self, peer: Peer, incoming: IncomingRequest, sender: NodeKey | None
+    ) -> Awaitable[None] | None:
+        """The worker job of :meth:`handle_message`: a synchronous callback runs and is answered
+        right here; a coroutine's result comes back for the worker to await (in order)."""
         node = None if sender is None else self.nodes.find(sender)
-        response = await run_callback(peer, incoming.request, node)
-        self._answer(peer, incoming, response)
+        try:
+            result = peer.callback(incoming.request, node)
+        except Exception:
+            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
+            result = PeerResponse(500, "Server Internal Error")
+        if type(result) is not PeerResponse and inspect.isawaitable(result):
+            return self._finish_inline(peer, incoming, result)
+        self._answer(peer, incoming, result)
+        return None
 
     def _process_inline(self, peer: Peer, incoming: IncomingRequest) -> None:
         """Run a synchronous callback and answer before returning; a coroutine goes to a task."""
@@ -586,10 +593,18 @@ def _sender_key(request: Request) -> NodeKey | None:
     """The identity (host, port, transport) of the From URI; None when it cannot be read."""
     try:
         uri = request.from_.uri
-        transport = f";transport={uri.transport}" if uri.transport else ""
-        return node_key(f"sip:{uri.hostport()}{transport}")
+        transport = uri.transport
+        hostport = uri.hostport()
+        return _node_key(
+            f"sip:{hostport};transport={transport}" if transport else f"sip:{hostport}"
+        )
     except (SipParseError, NodeError):
         return None
+
+
+#: A node's identity by URI text: the same few peers send every message. A NodeError is not
+#: cached (lru_cache keeps only returned values), so a bad URI costs a parse each time.
+_node_key = lru_cache(maxsize=1024)(node_key)
 
 
 def _covers_everything(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

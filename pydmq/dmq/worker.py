@@ -27,8 +27,10 @@ __all__ = ["Job", "QueueDepth", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
 
-#: A unit of work: a zero-argument function returning an awaitable (usually an ``async def``).
-Job: TypeAlias = Callable[[], Awaitable[None]]
+#: A unit of work: a zero-argument function. If it returns an awaitable (an ``async def``
+#: does), the worker awaits it before the next job of its queue; a plain function returning
+#: None runs to completion right away, without a coroutine of its own.
+Job: TypeAlias = Callable[[], Awaitable[None] | None]
 
 #: A worker runs queued jobs back to back for at most this many jobs / seconds before it lets the
 #: event loop read sockets and run the other workers. Yielding after every job capped a worker at
@@ -184,8 +186,7 @@ class WorkerPool:
         queue = self._queues[index]
         wakeup = self._wakeups[index]
         clock = time.monotonic
-        burst = 0
-        burst_end = 0.0
+        popleft = queue.popleft
         while True:
             if not queue:
                 if self._closing:
@@ -198,29 +199,33 @@ class WorkerPool:
                     # in unnoticed: a job appended later sets the event again.
                     wakeup.clear()
                     await wakeup.wait()
-                burst = 0
                 continue
-            if burst == 0:
-                burst_end = clock() + BURST_SECONDS
-            await self._run_job(index, queue.popleft())
-            burst += 1
-            if burst >= BURST_JOBS or clock() >= burst_end:
-                # Jobs that never suspend would otherwise starve transports and other workers
-                # (Kamailio workers are processes; ours share one event loop).
-                burst = 0
-                await asyncio.sleep(0)
-
-    async def _run_job(self, index: int, job: Job) -> None:
-        try:
-            await job()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # The worker itself is being cancelled (stop).
-            self.jobs_failed += 1
-            logger.error("DMQ worker %d: job was cancelled", index)
-        except Exception:
-            self.jobs_failed += 1
-            logger.exception("DMQ worker %d: job failed", index)
-        else:
-            self.jobs_done += 1
+            # One burst: queued jobs back to back, at most BURST_JOBS of them or BURST_SECONDS.
+            burst_end = clock() + BURST_SECONDS
+            burst = 0
+            while True:
+                job = popleft()
+                # The job runs here rather than in a helper coroutine: one frame less per job.
+                try:
+                    pending = job()
+                    if pending is not None:
+                        await pending
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # The worker itself is being cancelled (stop).
+                    self.jobs_failed += 1
+                    logger.error("DMQ worker %d: job was cancelled", index)
+                except Exception:
+                    self.jobs_failed += 1
+                    logger.exception("DMQ worker %d: job failed", index)
+                else:
+                    self.jobs_done += 1
+                burst += 1
+                if not queue:
+                    break  # back to waiting, which lets the loop run
+                if burst >= BURST_JOBS or clock() >= burst_end:
+                    # Jobs that never suspend would otherwise starve transports and other
+                    # workers (Kamailio workers are processes; ours share one event loop).
+                    await asyncio.sleep(0)
+                    break

@@ -276,7 +276,8 @@ class SipEndpoint:
         _stamp_via(top, source)
         if req.method == "ACK":
             return  # non-INVITE only: an ACK has nothing to acknowledge here
-        verdict = self.layer.on_request(key, req.method, source.proto in _RELIABLE, self.now())
+        now = self.now()
+        verdict = self.layer.on_request(key, req.method, source.proto in _RELIABLE, now)
         kind = verdict.kind
         if kind is ServerVerdict.NEW:
             incoming = IncomingRequest(req, source, local, self, key)
@@ -290,7 +291,11 @@ class SipEndpoint:
                         incoming.reply(500, "Server Internal Error")
                     except Exception:
                         log.exception("could not send the 500 for %s %s", req.method, req.uri)
-            self._rearm()  # the new server transaction's timer (unless the reply re-armed)
+            # The new server transaction's timer is due at now + server_timeout (its answer's
+            # Timer J no earlier): re-arm only when the loop timer is not due by then.
+            timer_at = self._timer_at
+            if timer_at is None or timer_at > now + self.layer.server_timeout:
+                self._rearm()
         elif kind is ServerVerdict.RETRANSMISSION:
             self.stats.response_retransmissions += 1
             if verdict.data is not None:
@@ -331,7 +336,10 @@ class SipEndpoint:
         data = resp.to_bytes()
         actions = self.layer.on_server_response(incoming._key, status, data, self.now())
         self._send(data, _response_address(incoming.request.via, incoming.source), incoming.local)
-        self._apply(actions)
+        if actions:
+            # Nothing to re-arm otherwise: Timer J of an answer is due no earlier than the
+            # request's own server timer, which the loop timer already covers.
+            self._apply(actions)
 
     def build_response(
         self,

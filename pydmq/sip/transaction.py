@@ -393,6 +393,9 @@ class TransactionLayer:
         self._live: set[int] = set()
         self._seq = 0
         self._timer_j = 64 * self.timers.t1
+        #: How long a server transaction lives (64*T1): both the unanswered guard and Timer J.
+        #: A new request's timer is due ``now + server_timeout``, its answer's no earlier.
+        self.server_timeout = self._timer_j
         # Counters (the DMQ layer exports them).
         self.retransmissions = 0  # client request retransmissions sent by Timer E
         self.timeouts = 0  # local 408s (Timer F or immediate transport error)
@@ -580,6 +583,9 @@ class TransactionLayer:
         del self._servers[key]
         tx.state = ServerState.COMPLETED  # its guard entry is skipped from now on
         tx.response = None
+        guard = self._guard
+        while guard and guard[0].state is ServerState.COMPLETED:
+            guard.popleft()  # answered in order: drop moot guards now, not at the next timer
         if tx.reliable:
             return [Terminated(key, server=True)]
         self._done[key] = data
