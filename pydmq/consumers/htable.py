@@ -92,6 +92,7 @@ from pydmq.consumers.htable_dmq import (
     BadRequest,
     Bulk,
     decode,
+    decode_set_cell,
     encode_del_cell,
     encode_remove,
     encode_set_cell,
@@ -473,6 +474,19 @@ class HtableService:
                 "htable: %d-byte body from %s is too big: 400", len(body), _sender(node, request)
             )
             return _BAD
+        cell = decode_set_cell(body)  # the usual message, read without a JSON parse
+        if cell is not None:
+            try:
+                self._set_cell(*cell)
+            except (HtableError, ValueError) as exc:
+                log.error(
+                    "htable: failed to replay action %d from %s: %s",
+                    ACTION_SET_CELL,
+                    _sender(node, request),
+                    exc,
+                )
+                return _ERR
+            return _OK
         try:
             message = decode(body)
         except BadRequest as exc:
@@ -495,6 +509,12 @@ class HtableService:
             return _ERR
         return _OK
 
+    def _set_cell(self, table: str, name: str, value: Value) -> None:
+        """A replayed SET_CELL (never replicated)."""
+        if table not in self.store.tables:
+            raise UnknownTableError(table)
+        self.store.set(table, name, value)
+
     def _apply_action(self, a: Action) -> None:
         """Kamailio's ``ht_dmq_replay_action``; never replicates."""
         table = a.htname
@@ -504,7 +524,7 @@ class HtableService:
         if action == ACTION_SET_CELL:  # the common case first
             if a.cname is None:
                 raise BadRequest(f"action {action} without cname")
-            self.store.set(table, a.cname, a.value())
+            self._set_cell(table, a.cname, a.value())
         elif a.action in (ACTION_SET_CELL_EXPIRE, ACTION_DEL_CELL):
             if a.cname is None:
                 raise BadRequest(f"action {a.action} without cname")

@@ -25,13 +25,6 @@ DepthSource: TypeAlias = Callable[[], tuple[int, Sequence[int]]]
 REJECT_CODES = (403, 503)
 
 
-K = TypeVar("K")
-
-
-def _bump(counter: dict[K, int], key: K) -> None:
-    counter[key] = counter.get(key, 0) + 1
-
-
 @dataclass(slots=True)
 class DmqStats:
     """What a node has sent, received and refused.
@@ -54,20 +47,27 @@ class DmqStats:
     #: Set by whoever owns the worker pool, e.g. ``stats.queue_depth_source = pool.depth``.
     queue_depth_source: DepthSource | None = None
 
+    # The counters are bumped inline (no helper call): record_in and record_reply_sent run for
+    # every request.
     def record_in(self, channel: str) -> None:
-        _bump(self.messages_in, channel)
+        counter = self.messages_in
+        counter[channel] = counter.get(channel, 0) + 1
 
     def record_out(self, channel: str) -> None:
-        _bump(self.messages_out, channel)
+        counter = self.messages_out
+        counter[channel] = counter.get(channel, 0) + 1
 
     def record_reply_sent(self, code: int) -> None:
-        _bump(self.replies_sent, code)
+        counter = self.replies_sent
+        counter[code] = counter.get(code, 0) + 1
 
     def record_reply_received(self, code: int) -> None:
-        _bump(self.replies_received, code)
+        counter = self.replies_received
+        counter[code] = counter.get(code, 0) + 1
 
     def record_rejected(self, code: int) -> None:
-        _bump(self.rejected, code)
+        counter = self.rejected
+        counter[code] = counter.get(code, 0) + 1
 
     def record_retransmission(self) -> None:
         self.retransmissions += 1

@@ -128,7 +128,7 @@ class WorkerPool:
         if not self._accepting or self._num_workers == 0:
             self.jobs_rejected += 1
             return False
-        index = self.worker_index(sender_key)
+        index = hash(sender_key) % self._num_workers  # worker_index(), inlined
         queue = self._queues[index]
         if len(queue) >= self._max_queue:
             self.jobs_rejected += 1

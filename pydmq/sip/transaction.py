@@ -285,7 +285,9 @@ def server_key(request: RequestLike) -> str:
     via = request.via
     branch = via.branch
     if branch is not None and branch.startswith(MAGIC_COOKIE):
-        return server_key_from_parts(request.method, branch, via.host, via.port)
+        # server_key_from_parts' RFC 3261 form, inlined (it runs for every request)
+        port = via.port
+        return f"{branch}|{via.host.lower()}:{'' if port is None else port}|{request.method}"
     return server_key_from_parts(
         request.method,
         branch,

@@ -10,6 +10,9 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from pydmq.config import HtableSettings, parse_htable_spec
 from pydmq.consumers.htable import HtableService
@@ -21,6 +24,7 @@ from pydmq.consumers.htable_dmq import (
     Bulk,
     SyncCell,
     decode,
+    decode_set_cell,
     encode_del_cell,
     encode_remove,
     encode_set_cell,
@@ -996,3 +1000,62 @@ async def test_a_known_node_coming_back_gets_our_tables() -> None:
         for node, svc in ((b, hb), (a, ha)):
             await svc.close()
             await node.stop(announce=False)
+
+
+# ---- the SET_CELL fast path -------------------------------------------------------------------
+
+_TEXT = st.one_of(
+    st.text(max_size=8),
+    st.binary(max_size=8).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    st.sampled_from(["", "t", 'a"b', "a\\b", "\x01", "é", "\udcff", "\\u0041"]),
+)
+_NUMBER = st.one_of(
+    st.integers(-(2**40), 2**40).map(str),
+    st.sampled_from(["-0", "0123", "1.5", "1e3", "2147483648", "-2147483649", "999999999"]),
+)
+
+
+def _json_text(text: str, raw: bool) -> bytes:
+    """``text`` as a JSON string: escaped as pydmq writes it, or its bytes unescaped."""
+    if raw:
+        return b'"' + text.encode("utf-8", "surrogateescape") + b'"'
+    return encode_set_cell(text, "x", 0).split(b'"htname":', 1)[1].split(b',"cname"', 1)[0]
+
+
+@given(
+    htname=_TEXT,
+    cname=_TEXT,
+    strval=_TEXT,
+    intval=_NUMBER,
+    mode=_NUMBER,
+    kind=st.sampled_from([0, 2]),
+    raw=st.booleans(),
+    tail=st.sampled_from([b"", b" ", b"junk", b"}", b',"x":1}']),
+)
+@hypothesis_settings(max_examples=400, deadline=None)
+def test_set_cell_fast_path_agrees_with_decode(
+    htname: str,
+    cname: str,
+    strval: str,
+    intval: str,
+    mode: str,
+    kind: int,
+    raw: bool,
+    tail: bytes,
+) -> None:
+    value = b'"strval":' + _json_text(strval, raw) if kind == 2 else b'"intval":' + intval.encode()
+    names = b'"htname":%s,"cname":%s' % (_json_text(htname, raw), _json_text(cname, raw))
+    body = b'{"action":2,%s,"type":%d,%s,"mode":%s}%s' % (names, kind, value, mode.encode(), tail)
+    fast = decode_set_cell(body)
+    if fast is None:
+        return
+    message = decode(body)  # must accept what the fast path accepts
+    assert isinstance(message, Action) and message.action == 2
+    assert fast == (message.htname, message.cname, message.value())
+
+
+def test_set_cell_fast_path_takes_what_peers_send() -> None:
+    assert decode_set_cell(golden_request("05").body) == ("t", "k1", "v1")
+    assert decode_set_cell(encode_set_cell("t", "n\xe9", -42)) == ("t", "n\xe9", -42)
+    assert decode_set_cell(encode_set_cell("t", "k", 'x"y')) is None  # an escape: decode() reads it
+    assert decode_set_cell(encode_set_expire("t", "k", 5)) is None
