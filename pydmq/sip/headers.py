@@ -269,8 +269,31 @@ def _parse_params(items: list[str], start: int) -> dict[str, str | None]:
     return params
 
 
+def _parse_param_text(text: str) -> dict[str, str | None]:
+    """``_parse_params`` of the text after a ``;`` (``tag=x;lr``), same result and errors.
+
+    The common tail has no blank, quote, ``<``, ``>`` or ``,``: then nothing needs stripping or
+    quote handling and only the names (tokens) and the non-emptiness of values are left to
+    check. Anything else takes the general path.
+    """
+    if " " in text or "\t" in text or '"' in text or "<" in text or ">" in text or "," in text:
+        return _parse_params(_split_semis(text), 0)
+    params: dict[str, str | None] = {}
+    for item in text.split(";"):
+        name, eq, value = item.partition("=")
+        if not (name.isalnum() and name.isascii()) and not is_token(name):
+            raise SipParseError("bad parameter")
+        if value:
+            params[name] = value
+        elif eq:
+            raise SipParseError("bad parameter")
+        else:
+            params[name] = None
+    return params
+
+
 def _format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params.items()])
 
 
 def _lookup(params: dict[str, str | None], name: str) -> tuple[bool, str | None]:
@@ -342,11 +365,11 @@ class Via:
                     _VIA_HEAD_CACHE[head] = hit
             if semi < 0:
                 return cls(hit[0], hit[1], hit[2], {})
-            tail = s[semi + 1 :]
-            params = _parse_params(_split_semis(tail) if '"' in tail else tail.split(";"), 0)
+            params = _parse_param_text(s[semi + 1 :])
             for key, value in params.items():
                 if (
                     value is not None
+                    and len(key) == 5
                     and key.lower() == "rport"
                     and (not value.isdigit() or not value.isascii() or int(value) > 65535)
                 ):
@@ -383,7 +406,12 @@ class Via:
         return self.host if self.port is None else f"{self.host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"SIP/2.0/{self.transport} {self.sent_by}{_format_params(self.params)}"
+        port = self.port
+        host = self.host if port is None else f"{self.host}:{port}"
+        params = self.params
+        if not params:
+            return f"SIP/2.0/{self.transport} {host}"
+        return f"SIP/2.0/{self.transport} {host}{_format_params(params)}"
 
 
 def parse_vias(value: str) -> list[Via]:
@@ -441,7 +469,24 @@ class NameAddr:
     def parse(cls, text: str, what: str = "address") -> NameAddr:
         """Parse one value; errors read ``Bad <what>`` (``Bad From``)."""
         try:
-            return cls._parse(text)
+            s = text.strip(_WS)
+            if s[:1] == "<":
+                # Fast path for the usual ``<uri>`` and ``<uri>;tag=x`` (From/To of DMQ).
+                gt = s.find(">")
+                if gt > 0:
+                    end = gt + 1
+                    if end == len(s):
+                        params = {}
+                    elif s[end] == ";":
+                        params = _parse_param_text(s[end + 1 :])
+                    else:
+                        return cls._parse(s)
+                    addr = cls.__new__(cls)  # __init__'s checks are for callers' values
+                    addr.display = None
+                    addr.uri = SipUri.parse(s[1:gt].strip(_WS))
+                    addr.params = params
+                    return addr
+            return cls._parse(s)
         except SipParseError:
             raise SipParseError(f"Bad {what}") from None
 
@@ -471,7 +516,7 @@ class NameAddr:
                 uri_text = s if semi < 0 else s[:semi]
                 if _has_any(uri_text, ' \t,?>"'):
                     raise SipParseError("bad addr-spec")
-                params = _parse_params(_split_semis(s[semi + 1 :]), 0) if semi >= 0 else {}
+                params = _parse_param_text(s[semi + 1 :]) if semi >= 0 else {}
                 return cls(None, SipUri.parse(uri_text), params)
             name = s[:lt].strip(_WS)
             if any(not is_token(w) for w in name.split()):
@@ -483,16 +528,13 @@ class NameAddr:
             raise SipParseError("unterminated <")
         uri = SipUri.parse(rest[1:gt].strip(_WS))
         tail = rest[gt + 1 :]
-        if tail:
+        if tail[:1] != ";":  # ";tag=x" needs no strip: s was stripped
             tail = tail.strip(_WS)
-        if not tail:
-            return cls(display, uri, {})
-        if tail[0] != ";":
-            raise SipParseError("junk after >")
-        tail = tail[1:]
-        return cls(
-            display, uri, _parse_params(_split_semis(tail) if '"' in tail else tail.split(";"), 0)
-        )
+            if not tail:
+                return cls(display, uri, {})
+            if tail[0] != ";":
+                raise SipParseError("junk after >")
+        return cls(display, uri, _parse_param_text(tail[1:]))
 
     @property
     def tag(self) -> str | None:

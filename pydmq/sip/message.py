@@ -26,7 +26,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.headers import (
@@ -73,6 +72,7 @@ _WS = " \t"
 _Row = tuple[str, str, str, str | None]
 
 _MANDATORY = ("via", "from", "to", "call-id", "cseq")
+_MANDATORY_KEYS = frozenset(_MANDATORY)
 _SINGLETONS = {"from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
 
 
@@ -123,7 +123,8 @@ def _check_value(value: str) -> str:
     """Refuse values that would break the framing when written (header injection)."""
     if "\r" in value or "\n" in value or "\0" in value:
         raise ValueError("header value contains CR, LF or NUL")
-    value.encode(_ENCODING, _ERRORS)  # UnicodeEncodeError (a ValueError) for bad surrogates
+    if not value.isascii():
+        value.encode(_ENCODING, _ERRORS)  # UnicodeEncodeError (a ValueError): bad surrogates
     return value.strip(_WS)
 
 
@@ -187,7 +188,23 @@ class SipMessage:
     :meth:`set` / :meth:`replace_top_via`, which also drop the caches.
     """
 
-    __slots__ = ("_body", "_cache", "_cl", "_crlf", "_data", "_he", "_hs", "_raw", "_rows")
+    __slots__ = (
+        "_body",
+        "_cl",
+        "_crlf",
+        "_cseq",
+        "_data",
+        "_first",
+        "_from",
+        "_he",
+        "_hs",
+        "_raw",
+        "_rows",
+        "_to",
+        "_via",
+        "_via0",
+        "_vias",
+    )
 
     _data: bytes  # the received bytes (b"" for a built message)
     _hs: int  # offset of the first header line
@@ -197,7 +214,14 @@ class SipMessage:
     _raw: bytes | None  # what to_bytes() returns, while it is known
     _body: bytes
     _cl: int | None  # Content-Length as received
-    _cache: dict[str, Any] | None
+    # Derived from the rows, None until first needed; _changed() drops them all.
+    _first: dict[str, str] | None  # key -> first value: one dict lookup per header access
+    _via: Via | None
+    _via0: tuple[str, str, int | None, dict[str, str | None]] | None  # _via as parsed
+    _vias: list[Via] | None
+    _from: NameAddr | None
+    _to: NameAddr | None
+    _cseq: CSeq | None
 
     def _init_built(self, headers: Iterable[tuple[str, str]], body: bytes) -> None:
         self._data = b""
@@ -207,7 +231,7 @@ class SipMessage:
         self._raw = None
         self._body = bytes(body)
         self._cl = None
-        self._cache = None
+        self._changed()
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -219,13 +243,22 @@ class SipMessage:
 
     def _changed(self) -> None:
         self._raw = None
-        self._cache = None
+        self._first = self._via = self._via0 = self._vias = None
+        self._from = self._to = self._cseq = None
+
+    def _first_values(self) -> dict[str, str]:
+        """``{key: first value}``, built once: the receive path reads ~8 headers, each of
+        which would otherwise scan the rows. Its length tells whether any key repeats."""
+        first = self._first
+        if first is None:
+            first = self._first = {row[0]: row[2] for row in reversed(self._get_rows())}
+        return first
 
     def _first_value(self, key: str) -> str | None:
-        for row in self._get_rows():
-            if row[0] == key:
-                return row[2]
-        return None
+        first = self._first
+        if first is None:
+            first = self._first_values()
+        return first.get(key)
 
     def get(self, name: str) -> str | None:
         """First value of ``name``; for comma-list headers the first element (``Via: a, b``
@@ -318,10 +351,7 @@ class SipMessage:
     @property
     def via(self) -> Via:
         """The topmost Via."""
-        cache = self._cache
-        if cache is None:
-            cache = self._cache = {}
-        via: Via | None = cache.get("via")
+        via = self._via
         if via is None:
             value = self._first_value("via")
             if value is None:
@@ -329,42 +359,39 @@ class SipMessage:
             element = first_element(value)
             if element is None:
                 raise SipParseError("Bad Via")
-            via = cache["via"] = Via.parse(element)
+            via = self._via = Via.parse(element)
             # What it was when parsed: make_response compares, to tell whether it was edited
             # in place (the transport stamps received/rport there) without parsing it again.
-            cache["via0"] = (via.transport, via.host, via.port, via.params.copy())
+            self._via0 = (via.transport, via.host, via.port, via.params.copy())
         return via
 
     @property
     def vias(self) -> list[Via]:
         """Every Via, top first."""
-        cache = self._cache
-        if cache is None:
-            cache = self._cache = {}
-        vias: list[Via] | None = cache.get("vias")
+        vias = self._vias
         if vias is None:
-            vias = cache["vias"] = [Via.parse(v) for v in self.get_all("via")]
+            vias = self._vias = [Via.parse(v) for v in self.get_all("via")]
         return vias
-
-    def _name_addr(self, key: str, what: str) -> NameAddr:
-        cache = self._cache
-        if cache is None:
-            cache = self._cache = {}
-        addr: NameAddr | None = cache.get(key)
-        if addr is None:
-            value = self._first_value(key)
-            if value is None:
-                raise SipParseError(f"Missing {what}")
-            addr = cache[key] = NameAddr.parse(value, what)
-        return addr
 
     @property
     def from_(self) -> NameAddr:
-        return self._name_addr("from", "From")
+        addr = self._from
+        if addr is None:
+            value = self._first_value("from")
+            if value is None:
+                raise SipParseError("Missing From")
+            addr = self._from = NameAddr.parse(value, "From")
+        return addr
 
     @property
     def to(self) -> NameAddr:
-        return self._name_addr("to", "To")
+        addr = self._to
+        if addr is None:
+            value = self._first_value("to")
+            if value is None:
+                raise SipParseError("Missing To")
+            addr = self._to = NameAddr.parse(value, "To")
+        return addr
 
     @property
     def call_id(self) -> str:
@@ -377,15 +404,12 @@ class SipMessage:
 
     @property
     def cseq(self) -> CSeq:
-        cache = self._cache
-        if cache is None:
-            cache = self._cache = {}
-        cseq: CSeq | None = cache.get("cseq")
+        cseq = self._cseq
         if cseq is None:
             value = self._first_value("cseq")
             if value is None:
                 raise SipParseError("Missing CSeq")
-            cseq = cache["cseq"] = CSeq.parse(value)
+            cseq = self._cseq = CSeq.parse(value)
         return cseq
 
     @property
@@ -739,11 +763,11 @@ def _parse(data: bytes, limits: Limits, head_only: bool) -> Request | Response:
     msg._hs = hs
     msg._he = he
     msg._crlf = crlf
-    msg._cache = None
     msg._raw = None
     msg._body = b""
     msg._cl = None
     msg._rows = None
+    msg._first = msg._via = msg._via0 = msg._vias = msg._from = msg._to = msg._cseq = None
     if head_only:
         return msg
 
@@ -796,14 +820,16 @@ def _parse(data: bytes, limits: Limits, head_only: bool) -> Request | Response:
 
 def _mandatory_error(msg: SipMessage) -> str | None:
     """Reason why Via/From/To/Call-ID/CSeq cannot be read, or None. Never raises."""
-    counts = dict.fromkeys(_MANDATORY, 0)
-    for row in msg._get_rows():
-        key = row[0]
-        if key in counts:
-            counts[key] += 1
-    for key, name in _SINGLETONS.items():
-        if counts[key] > 1:
-            return f"Duplicate {name}"
+    rows = msg._get_rows()
+    if len(msg._first_values()) < len(rows):  # some key repeats: count the singletons
+        counts = dict.fromkeys(_MANDATORY, 0)
+        for row in rows:
+            key = row[0]
+            if key in counts:
+                counts[key] += 1
+        for key, name in _SINGLETONS.items():
+            if counts[key] > 1:
+                return f"Duplicate {name}"
     try:
         msg.via  # noqa: B018 - parse, raising if malformed
         msg.from_  # noqa: B018
@@ -834,9 +860,8 @@ def validate_request(req: Request) -> None:
 
 
 def _secondary_error(req: Request) -> str | None:
-    for row in req._get_rows():
-        if not row[0]:
-            return "Bad header line"
+    if "" in req._first_values():  # the key of a line that is not a header
+        return "Bad header line"
     try:
         req.ruri  # noqa: B018
         req.max_forwards  # noqa: B018
@@ -877,48 +902,79 @@ def make_response(
     Then Content-Type (when given), ``extra_headers`` in order (e.g. Server), Content-Length:
     the layout of Kamailio's sl replies. Never raises for a malformed request (a bad To is
     copied without a tag).
+
+    A response is built to be sent: its bytes are joined here, in the same pass as its rows,
+    rather than by a second walk in ``to_bytes``.
     """
     if not 100 <= status <= 699:
         raise ValueError(f"invalid status {status!r}")
+    reason = _check_constant(reason)
+    if type(body) is not bytes:
+        body = bytes(body)
+    rows: list[_Row] = []
+    lines = [f"SIP/2.0 {status} {reason}"]
+    tag_to = status != 100
+    top_via = _edited_top_via(request)
+    mandatory = _MANDATORY_KEYS
+    for old in request._get_rows():
+        key = old[0]
+        if key not in mandatory:
+            continue
+        row = old
+        if key == "via":
+            if top_via is not None:
+                rest = _after_first_element(old[2])
+                row = _text_row(key, old[1], f"{top_via}, {rest}" if rest else top_via)
+                top_via = None
+        elif key == "to" and tag_to:
+            tag_to = False  # only the first To (a second one makes the request unusable anyway)
+            try:
+                to = request.to
+            except SipParseError:
+                has_tag = True
+            else:
+                has_tag = "tag" in to.params or to.has_param("tag")
+            if not has_tag:
+                tag = _check_constant(to_tag) if to_tag else new_tag()
+                row = _text_row(key, old[1], f"{old[2]};tag={tag}")
+        rows.append(row)
+        line = row[3]
+        lines.append(f"{row[1]}: {row[2]}" if line is None else line)
+    eager = True  # False if a caller's header is a Content-Length: to_bytes() rewrites it
+    if content_type is not None:
+        row = _constant_row("Content-Type", content_type)
+        rows.append(row)
+        lines.append(row[3] or "")
+    for name, value in extra_headers:
+        row = _constant_row(name, value)
+        rows.append(row)
+        lines.append(row[3] or "")
+        if row[0] == "content-length":
+            eager = False
+    length = str(len(body))
+    rows.append(("content-length", "Content-Length", length, None))
     resp = Response.__new__(Response)
     resp._status = status
-    resp._reason = _check_value(reason)
+    resp._reason = reason
     resp._data = b""
     resp._hs = resp._he = 0
     resp._crlf = True
-    resp._raw = None
-    resp._body = bytes(body)
+    resp._body = body
     resp._cl = None
-    resp._cache = None
-    rows: list[_Row] = []
-    tag_to = status != 100
-    top_via = _edited_top_via(request)
-    for row in request._get_rows():
-        key = row[0]
-        if key == "via" and top_via is not None:
-            rest = _after_first_element(row[2])
-            rows.append((key, row[1], f"{top_via}, {rest}" if rest else top_via, None))
-            top_via = None
-            continue
-        if key == "to" and tag_to:
-            tag_to = False  # only the first To (a second one makes the request unusable anyway)
-            try:
-                has_tag = request.to.has_param("tag")
-            except SipParseError:
-                has_tag = True
-            if not has_tag:
-                tag = _check_value(to_tag) if to_tag else new_tag()
-                rows.append((key, row[1], f"{row[2]};tag={tag}", None))
-                continue
-        if key in _MANDATORY:
-            rows.append(row)
-    if content_type is not None:
-        rows.append(_constant_row("Content-Type", content_type))
-    for name, value in extra_headers:
-        rows.append(_constant_row(name, value))
-    rows.append(("content-length", "Content-Length", str(len(resp._body)), None))
     resp._rows = rows
+    resp._first = resp._via = resp._via0 = resp._vias = resp._from = resp._to = None
+    resp._cseq = None
+    if eager:
+        lines.append(f"Content-Length: {length}\r\n\r\n")
+        resp._raw = "\r\n".join(lines).encode(_ENCODING, _ERRORS) + body
+    else:
+        resp._raw = None
     return resp
+
+
+def _text_row(key: str, name: str, value: str) -> _Row:
+    """A row whose text is known: ``to_bytes`` writes the same ``name: value`` it would build."""
+    return (key, name, value, f"{name}: {value}")
 
 
 # (name, value) -> checked row, for the few headers every response repeats (Server, ...).
@@ -931,7 +987,8 @@ def _constant_row(name: str, value: str) -> _Row:
     key = (name, value)
     row = _ROW_CACHE.get(key)
     if row is None:
-        row = _make_row(name, value)
+        key_, name_, value_, _ = _make_row(name, value)
+        row = _text_row(key_, name_, value_)
         if len(name) + len(value) <= 256:
             if len(_ROW_CACHE) >= _ROW_CACHE_MAX:
                 _ROW_CACHE.clear()
@@ -939,16 +996,27 @@ def _constant_row(name: str, value: str) -> _Row:
     return row
 
 
+# Value -> _check_value(value), for the reasons and To tags that every response repeats.
+_CHECKED: dict[str, str] = {}
+_CHECKED_MAX = 256
+
+
+def _check_constant(value: str) -> str:
+    """``_check_value`` with a cache (it raises before anything is stored)."""
+    checked = _CHECKED.get(value)
+    if checked is None:
+        checked = _check_value(value)
+        if len(value) <= 128:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[value] = checked
+    return checked
+
+
 def _edited_top_via(request: Request) -> str | None:
     """``str(request.via)`` if that cached object no longer matches the wire text, else None."""
-    cache = request._cache
-    if cache is None:
-        return None
-    cached: Via | None = cache.get("via")
-    if cached is None:
-        return None
-    original = cache.get("via0")
-    if original is not None and original == (
+    cached = request._via
+    if cached is None or request._via0 == (
         cached.transport,
         cached.host,
         cached.port,

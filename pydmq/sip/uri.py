@@ -52,8 +52,20 @@ class SipUri:
         """
         hit = _URI_CACHE.get(text)
         if hit is not None:
-            sch, hst, usr, pwd, prt, pstr, prm, hdr = hit
-            return cls(sch, hst, usr, pwd, prt, pstr, dict(prm), hdr)
+            # Filled in place rather than through __init__: half the cost on this hot path.
+            uri = cls.__new__(cls)
+            (
+                uri.scheme,
+                uri.host,
+                uri.user,
+                uri.password,
+                uri.port,
+                uri.port_str,
+                params,
+                uri.headers,
+            ) = hit
+            uri.params = dict(params) if params else {}
+            return uri
         uri = cls._parse(text)
         if len(text) <= 256:
             if len(_URI_CACHE) >= _URI_CACHE_MAX:
