@@ -229,6 +229,16 @@ class PydmqProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def pids(self) -> list[int]:
+        """The node's process and its UDP receiver processes (``[sip] udp_children``)."""
+        if self.proc is None:
+            return []
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            pids += [int(p) for p in text.split()]
+        return pids
+
     @property
     def status_path(self) -> Path:
         assert self.workdir is not None

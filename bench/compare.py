@@ -70,6 +70,8 @@ from benchlib import (
 )
 
 KEYS = 1000  # distinct htable keys cycled by scenario (a)
+#: pydmq's ``[sip] udp_children``: the counterpart of Kamailio's children=2 (``--udp-children``).
+UDP_CHILDREN = 2
 KAMAILIO_MAXBUFFER = 4 * 1024 * 1024  # = pydmq.sip.transport.UDP_BUFFER_BYTES
 
 
@@ -193,10 +195,12 @@ def kamailio_server(workdir: Path) -> tuple[Server, KamailioNode]:
     return server, node
 
 
-def pydmq_server() -> tuple[Server, PydmqProcess]:
+def pydmq_server(udp_children: int = UDP_CHILDREN) -> tuple[Server, PydmqProcess]:
     proc = PydmqProcess(
         dmq={"num_workers": 2, "ping_interval": 60},
         htable={"tables": [HTABLE_DEF], "enable_dmq": True, "dmq_init_sync": True},
+        # Kamailio's children=2: two processes read the UDP socket.
+        extra={"sip": {"udp_children": udp_children}},
     ).start()
 
     def cells() -> int | None:
@@ -206,7 +210,7 @@ def pydmq_server() -> tuple[Server, PydmqProcess]:
                     return int(row.get("all", 0))
         return None
 
-    server = Server("pydmq", proc.port, lambda: [proc.pid], lambda: proc.running, cells)
+    server = Server("pydmq", proc.port, proc.pids, lambda: proc.running, cells)
     return server, proc
 
 
@@ -584,6 +588,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between probes")
     ap.add_argument("--smoke-rate", type=int, default=300)
     ap.add_argument(
+        "--udp-children",
+        type=int,
+        default=UDP_CHILDREN,
+        help="pydmq [sip] udp_children (Kamailio runs children=2)",
+    )
+    ap.add_argument(
         "--quiet-threshold",
         type=float,
         default=25.0,
@@ -621,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(kserver)
             print(f"Kamailio {info['kamailio']} on udp:127.0.0.1:{kam.port}")
         if "pydmq" in wanted:
-            pserver, pyd = pydmq_server()
+            pserver, pyd = pydmq_server(args.udp_children)
             servers.append(pserver)
             print(f"pydmq on udp:127.0.0.1:{pyd.port} (pid {pyd.pid})")
         n = max(1, len(servers) * len(scenarios))

@@ -149,6 +149,8 @@ class SipSettings:
     tcp_msg_read_timeout: float = 10.0
     #: TCP/TLS connections at once, opening ones included (Kamailio's tcp_max_connections).
     tcp_max_connections: int = 2048
+    #: Processes reading each UDP socket (Kamailio's ``children``); 0: the main process reads.
+    udp_children: int = 0
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     tls_cafile: str | None = None
@@ -717,6 +719,7 @@ _FIELDS: dict[str, dict[str, _Field]] = {
         "tcp_idle_timeout": _seconds_field(86400),
         "tcp_msg_read_timeout": _seconds_field(3600),
         "tcp_max_connections": _int_field(1, 1_000_000),
+        "udp_children": _int_field(0, 64),
         "tls_certfile": _str_field(_existing_file, "a file path", optional=True),
         "tls_keyfile": _str_field(_existing_file, "a file path", optional=True),
         "tls_cafile": _str_field(_existing_file, "a file path", optional=True),

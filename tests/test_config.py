@@ -431,6 +431,8 @@ BAD_VALUES = [
     ("tm", "t2", "true", ["tm.t2 = true", "seconds"]),
     ("sip", "max_message_size", "100", ["sip.max_message_size = 100", "from 1024"]),
     ("sip", "tcp_idle_timeout", "-1", ["sip.tcp_idle_timeout = -1", "seconds"]),
+    ("sip", "udp_children", "65", ["sip.udp_children = 65", "0"]),
+    ("sip", "udp_children", '"two"', ["sip.udp_children", "integer"]),
     ("sip", "tls_certfile", '"/nonexistent/cert.pem"', ["sip.tls_certfile", "existing"]),
     ("rpc", "http_address", '"localhost"', ['rpc.http_address = "localhost"', "host:port"]),
     ("rpc", "http_address", '"127.0.0.1:99999"', ["rpc.http_address", "host:port"]),

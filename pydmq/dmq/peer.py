@@ -96,6 +96,8 @@ class PeerRegistry:
     def __init__(self) -> None:
         # Insertion-ordered; iteration reverses it to get Kamailio's head-insertion order.
         self._peers: dict[str, Peer] = {}
+        #: Called after each registration (the UDP receivers learn the channels from it).
+        self.on_change: Callable[[], None] | None = None
 
     def register(
         self,
@@ -115,6 +117,8 @@ class PeerRegistry:
             raise PeerError(f"DMQ peer {peer_id!r} is already registered")
         peer = Peer(peer_id, description, callback, init_callback)
         self._peers[peer_id] = peer
+        if self.on_change is not None:
+            self.on_change()
         return peer
 
     def register_auto(self, peer_id: str) -> Peer:
@@ -131,6 +135,10 @@ class PeerRegistry:
     def get(self, peer_id: str) -> Peer | None:
         """The peer with exactly this id (case-sensitive), or None (the caller answers 404)."""
         return self._peers.get(peer_id)
+
+    def ids(self) -> list[str]:
+        """Every registered channel."""
+        return list(self._peers)
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._peers

@@ -42,6 +42,7 @@ from pydmq.dmq.worker import WorkerPool
 from pydmq.sip.endpoint import IncomingRequest, SipEndpoint
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.message import Limits, Request, Response
+from pydmq.sip.prefork import PreforkSupervisor, StatelessRules
 from pydmq.sip.transaction import TimerConfig
 from pydmq.sip.transport import Address, ListenSpec, TlsConfig
 
@@ -153,7 +154,9 @@ class DmqNode:
             tcp_idle_timeout=s.tcp_idle_timeout,
             tcp_read_timeout=s.tcp_msg_read_timeout,
             max_connections=s.tcp_max_connections,
+            udp_readers_elsewhere=s.udp_children > 0,
         )
+        self.receivers: PreforkSupervisor | None = None
         self._everyone = _covers_everything(d.allowed_sources)
         self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
         self._ping_handle: asyncio.TimerHandle | None = None
@@ -202,6 +205,8 @@ class DmqNode:
         d = self.settings.dmq
         try:
             await self.endpoint.start()
+            if self.settings.sip.udp_children > 0:
+                await self._start_receivers()
             self.workers.start()
             if d.multi_notify and d.notification_address:
                 expanded = await expand_notification_address(
@@ -215,12 +220,54 @@ class DmqNode:
         except BaseException:
             self._state = "stopped"
             await self.workers.stop(drain=False, timeout=0)
+            await self._stop_receivers()
             await self.endpoint.close()
             raise
         self._state = "running"
         self._run(self.notification.start())
         self._schedule_ping()
         log.info("dmq node %s listening on %s", self.local.orig_uri, self.endpoint.specs[0])
+
+    async def _start_receivers(self) -> None:
+        """Hand the UDP sockets to ``udp_children`` receiver processes (pydmq.sip.prefork)."""
+        d, s, ep = self.settings.dmq, self.settings.sip, self.endpoint
+        rules = StatelessRules(
+            forward_all=self.route is not default_route,
+            allowed_sources=tuple(str(net) for net in d.allowed_sources),
+            user_agent=ep.user_agent,
+            to_tag=ep.to_tag,
+            max_size=s.max_message_size,
+            max_headers=s.max_headers,
+            max_line=s.max_line,
+        )
+        supervisor = PreforkSupervisor(
+            ep.transport.udp_sockets(),
+            s.udp_children,
+            rules,
+            ep.on_checked_message,
+            log_level=self.settings.log.level,
+        )
+        supervisor.publish_users(self.peers.ids())
+        self.peers.on_change = lambda: supervisor.publish_users(self.peers.ids())
+        self.receivers = supervisor
+        await supervisor.start()
+        log.info("UDP read by %d receiver processes: %s", s.udp_children, supervisor.pids())
+
+    def receiver_stats(self) -> dict[str, int] | None:
+        """The UDP receiver processes' counters added up (``None`` without receivers)."""
+        if self.receivers is None:
+            return None
+        return {
+            "processes": len(self.receivers.pids()),
+            "restarts": self.receivers.restarts,
+            **self.receivers.counters(),
+        }
+
+    async def _stop_receivers(self) -> None:
+        supervisor, self.receivers = self.receivers, None
+        if supervisor is not None:
+            self.peers.on_change = None
+            await supervisor.stop()
 
     async def stop(self, *, announce: bool = True, announce_timeout: float = 1.0) -> None:
         """Leave the bus and release everything; a second call returns at once.
@@ -253,6 +300,7 @@ class DmqNode:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_receivers()
         await self.endpoint.close()
         self._state = "stopped"
 
@@ -586,6 +634,9 @@ class DmqNode:
         stats.parse_errors = (
             transport.udp_dropped + transport.parse_errors + ep.stats.dropped_unparsable
         )
+        if self.receivers is not None:
+            counts = self.receivers.counters()
+            stats.parse_errors += counts["dropped_unparsable"] + counts["oversize"]
         stats.retransmissions = ep.stats.absorbed_retransmissions + ep.layer.retransmissions
 
 

@@ -125,6 +125,7 @@ def build_methods(node: DmqNode, extra: Mapping[str, Handler] | None = None) -> 
             "sip": dataclasses.asdict(endpoint.stats),
             "transport": dataclasses.asdict(endpoint.transport.stats),
             "transactions": endpoint.layer.stats(),
+            "udp_receivers": node.receiver_stats(),
         }
 
     # -- the script functions dmq_send_message / dmq_bcast_message -------------------------------

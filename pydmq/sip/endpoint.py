@@ -163,6 +163,7 @@ class SipEndpoint:
         tcp_read_timeout: float = 10.0,
         max_connections: int = 2048,
         max_transactions: int = 100_000,
+        udp_readers_elsewhere: bool = False,
     ) -> None:
         self.specs = list(specs)
         self.handler = handler
@@ -179,6 +180,7 @@ class SipEndpoint:
             read_timeout=tcp_read_timeout,
             max_connections=max_connections,
             on_send_error=self._on_send_error,
+            udp_readers_elsewhere=udp_readers_elsewhere,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -217,6 +219,11 @@ class SipEndpoint:
         self._cancel_timer()  # nothing can re-arm it once closed, but be sure
 
     @property
+    def to_tag(self) -> str:
+        """The To tag of this endpoint's final replies (receiver processes use it too)."""
+        return self._to_tag
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -244,6 +251,22 @@ class SipEndpoint:
             else:
                 validate_request(msg)
         except SipParseError as exc:
+            self._on_parse_error(data, exc, source, local)
+            return
+        if isinstance(msg, Response):
+            self._on_response(msg)
+        else:
+            self._on_request(msg, source, local)
+
+    def on_checked_message(self, data: bytes, source: Address, local: Address) -> None:
+        """A datagram a UDP receiver process (``pydmq.sip.prefork``) has already parsed and
+        validated with this same code: parsed again here, but not checked twice."""
+        if self._closed:
+            return
+        self.stats.received += 1
+        try:
+            msg = parse_message(data, self.limits)
+        except SipParseError as exc:  # cannot happen unless the receiver runs other code
             self._on_parse_error(data, exc, source, local)
             return
         if isinstance(msg, Response):

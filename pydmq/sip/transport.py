@@ -29,6 +29,7 @@ message. Connections being opened or in a TLS handshake count toward the limit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -783,6 +784,85 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
             self.lost.set_result(None)
 
 
+class _SendOnlyUdp(asyncio.DatagramTransport):
+    """A UDP socket this process sends on but never reads (receiver processes read it).
+
+    ``sendto`` writes at once; if the kernel buffer is full the datagram waits in a bounded
+    queue flushed when the socket is writable again, as asyncio's own transport does.
+    """
+
+    _QUEUE_MAX: Final = 10_000
+
+    def __init__(
+        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, endpoint: _DatagramEndpoint
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._loop = loop
+        self._endpoint = endpoint
+        self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._closing = False
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if self._closing:
+            return
+        if self._queue:
+            self._enqueue(bytes(data), addr)
+            return
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._enqueue(bytes(data), addr)
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+        except OSError as exc:
+            self._endpoint.error_received(exc)
+
+    def _enqueue(self, data: bytes, addr: Any) -> None:
+        if len(self._queue) >= self._QUEUE_MAX:
+            self._endpoint.mgr.stats.udp_dropped += 1
+            return
+        self._queue.append((data, addr))
+
+    def _flush(self) -> None:
+        queue = self._queue
+        while queue:
+            data, addr = queue[0]
+            try:
+                self._sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._endpoint.error_received(exc)
+            queue.popleft()
+        self._loop.remove_writer(self._sock.fileno())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._queue:
+            self._loop.remove_writer(self._sock.fileno())
+            self._queue.clear()
+        self._sock.close()
+        self._loop.call_soon(self._endpoint.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._queue)
+
+
 class TransportManager:
     """Owns the listening sockets and stream connections of one node.
 
@@ -805,11 +885,14 @@ class TransportManager:
         max_connections: int = 2048,
         max_write_buffer: int = 4 * 1024 * 1024,
         on_send_error: OnSendError | None = None,
+        udp_readers_elsewhere: bool = False,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.on_message = on_message
         self.on_send_error = on_send_error
+        #: UDP sockets are read by other processes (see ``udp_sockets``); here they only send.
+        self.udp_readers_elsewhere = udp_readers_elsewhere
         self.tls = tls
         self.max_size = max_size
         self.max_headers_bytes = max_headers_bytes
@@ -874,7 +957,11 @@ class TransportManager:
             raise
         local = Address("udp", spec.host, sock.getsockname()[1])
         endpoint = _DatagramEndpoint(self, local)
-        await self.loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+        if self.udp_readers_elsewhere:
+            # Receiver processes read it (pydmq.sip.prefork); this process only sends.
+            endpoint.connection_made(_SendOnlyUdp(sock, self.loop, endpoint))
+        else:
+            await self.loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
         self._udp.append(endpoint)
         self._udp_by_family.setdefault(family, endpoint)
         self._udp_by_local[local] = endpoint
@@ -945,6 +1032,17 @@ class TransportManager:
                 if local.proto == proto and (family is None or _family_of(local.host) == family):
                     return local
         raise LookupError(f"no {proto} listener" + ("" if family is None else f" for {family!r}"))
+
+    def udp_sockets(self) -> list[tuple[socket.socket, Address]]:
+        """The listening UDP sockets, for receiver processes to inherit."""
+        out: list[tuple[socket.socket, Address]] = []
+        for endpoint in self._udp:
+            transport = endpoint.transport
+            if transport is not None:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    out.append((sock, endpoint.local))
+        return out
 
     @property
     def connection_count(self) -> int:

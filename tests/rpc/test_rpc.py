@@ -394,10 +394,11 @@ async def test_core_system_and_stats(rig: Rig) -> None:
     assert await fault_of(rig, "system.methodHelp", ["nope"]) == (400, "command not found")
 
     stats = await result_of(rig, "dmq.stats")
-    assert list(stats) == ["dmq", "workers", "sip", "transport", "transactions"]
+    assert list(stats) == ["dmq", "workers", "sip", "transport", "transactions", "udp_receivers"]
     assert stats["dmq"]["messages_out"].get(rig.a.channel, 0) >= 1  # the join notification
     assert stats["sip"]["sent"] >= 1 and stats["sip"]["received"] >= 1
     assert "clients_live" in stats["transactions"]
+    assert stats["udp_receivers"] is None  # the main process reads UDP (udp_children = 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,637 @@
+"""UDP receiver processes: several readers of one UDP socket, as Kamailio's ``children``.
+
+One Python process tops out at about one core, and most of a DMQ node's UDP traffic needs no
+state: an OPTIONS ping, a KDMQ for a channel nobody registered, a malformed datagram. With
+``[sip] udp_children = N`` the main process stops reading its UDP sockets; N receiver processes
+read each one (they inherit the socket, the kernel hands every datagram to exactly one of them),
+answer what :class:`StatelessRules` lets them answer statelessly, and forward the rest, unparsed,
+to the main process over a private ``socketpair``. Replies to forwarded requests leave from the
+same UDP socket, which the main process keeps for sending.
+
+Pieces, from the inside out:
+
+* :class:`StatelessFront` decides what to do with one datagram: plain code, no I/O, so the rules
+  are tested without processes and must give the bytes the main process would have sent;
+* :class:`Board` is a small shared memory page (``memfd``): the main process publishes the
+  registered R-URI users (channels) there under a sequence lock, each receiver its counters;
+* :func:`serve` is a receiver's blocking loop (``python -m pydmq.sip.prefork``);
+* :class:`PreforkSupervisor` runs in the main process: it starts the receivers, reads what they
+  forward, restarts one that dies and stops them all.
+
+Ordering: one receiver keeps the order of what it reads. With several, two datagrams of one
+sender may be handled by different receivers and reach the main process swapped, exactly as
+with Kamailio's ``children`` on one socket. ``udp_children = 1`` keeps the order (and still takes
+reading, parsing and the stateless answers off the main process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Final
+
+from pydmq.sip.endpoint import _response_address, _stamp_via
+from pydmq.sip.errors import SipParseError
+from pydmq.sip.message import (
+    BadRequestError,
+    Limits,
+    Request,
+    make_response,
+    parse_message,
+    validate_request,
+    validate_response,
+)
+from pydmq.sip.transport import Address
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COUNTERS",
+    "Board",
+    "PreforkSupervisor",
+    "StatelessFront",
+    "StatelessRules",
+    "serve",
+]
+
+# -- the rules --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatelessRules:
+    """What a receiver answers itself. Everything else is forwarded to the main process.
+
+    The defaults are pydmq's route without a script: OPTIONS → 200, ``KDMQ`` for an R-URI user
+    (channel) nobody registered → 404 ``User Not Found``, other methods → 404. With a routing
+    script (``forward_all``) only what no route can see is answered here: unparsable input
+    (dropped, or 400 when a reply can be built) and sources outside ``allowed_sources`` (403).
+    """
+
+    forward_all: bool = False
+    options: tuple[int, str] | None = (200, "OK")
+    #: Requests of this method go to the main process when their R-URI user is registered.
+    user_method: str = "KDMQ"
+    unknown_user: tuple[int, str] = (404, "User Not Found")
+    other_methods: tuple[int, str] | None = (404, "Not Found")
+    #: CIDR networks allowed to send requests; empty: everyone.
+    allowed_sources: tuple[str, ...] = ()
+    forbidden: tuple[int, str] = (403, "Forbidden")
+    user_agent: str = "pydmq"
+    to_tag: str = "0"
+    max_size: int = 65535
+    max_headers: int = 100
+    max_line: int = 8192
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StatelessRules:
+        raw = json.loads(text)
+        for key in ("options", "unknown_user", "other_methods", "forbidden", "allowed_sources"):
+            if isinstance(raw.get(key), list):
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+#: The counters each receiver keeps on the board, in slot order.
+COUNTERS: Final = (
+    "received",  # datagrams read
+    "forwarded",  # handed to the main process
+    "answered",  # stateless replies sent
+    "options",  # of which 200 to OPTIONS
+    "unknown_user",  # of which 404 for an unregistered channel
+    "forbidden",  # of which 403 (allowed_sources)
+    "bad_requests",  # of which 400 (malformed but answerable)
+    "dropped_unparsable",  # input that could not be answered
+    "oversize",  # datagrams above max_size
+    "send_errors",  # replies the kernel refused
+)
+_SLOTS: Final = 16
+
+
+# -- one datagram -----------------------------------------------------------------------------
+
+FORWARD: Final = 1
+DROP: Final = 0
+#: ``(reply bytes, destination, counter name)``, FORWARD or DROP.
+Outcome = tuple[bytes, Address, str] | int
+
+
+class StatelessFront:
+    """Decides, for one datagram, between a stateless reply, forwarding and dropping.
+
+    ``users`` returns the registered R-URI users, or ``None`` when they are not known (then
+    every ``user_method`` request is forwarded). Mirrors what the main process does with the
+    same input (``SipEndpoint._on_message`` and the DMQ default route).
+    """
+
+    def __init__(self, rules: StatelessRules, users: Callable[[], frozenset[str] | None]) -> None:
+        self.rules = rules
+        self.limits = Limits(rules.max_size, rules.max_headers, rules.max_line)
+        self._users = users
+        self._headers = [("Server", rules.user_agent)]
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in rules.allowed_sources)
+        everyone = {"0.0.0.0/0", "::/0"} <= {str(n) for n in nets}
+        self._nets = () if everyone else nets
+        self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
+
+    def _source_allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._nets)
+
+    def handle(self, data: bytes, source: Address) -> Outcome:
+        rules = self.rules
+        try:
+            msg = parse_message(data, self.limits)
+            if not isinstance(msg, Request):
+                validate_response(msg)  # a broken one is dropped here, as the main would
+                return FORWARD
+            validate_request(msg)
+        except BadRequestError as exc:
+            return self._bad_request(exc, source)
+        except SipParseError:
+            return DROP
+        method = msg.method
+        if method == "ACK":
+            return DROP  # the main process ignores every ACK (non-INVITE transactions only)
+        if self._nets and not self._allowed(source.host):
+            return self._reply(msg, rules.forbidden, source, "forbidden")
+        if rules.forward_all:
+            return FORWARD
+        if method == rules.user_method:
+            try:
+                user = msg.ruri.user
+            except SipParseError:
+                return FORWARD  # the main process answers 400 with its own reason
+            users = self._users()
+            if not user or users is None or user in users:
+                return FORWARD
+            return self._reply(msg, rules.unknown_user, source, "unknown_user")
+        if method == "OPTIONS" and rules.options is not None:
+            return self._reply(msg, rules.options, source, "options")
+        if rules.other_methods is not None:
+            return self._reply(msg, rules.other_methods, source, "answered")
+        return FORWARD
+
+    def _reply(
+        self, req: Request, answer: tuple[int, str], source: Address, counter: str
+    ) -> Outcome:
+        via = req.via
+        _stamp_via(via, source)
+        status, reason = answer
+        resp = make_response(
+            req, status, reason, to_tag=self.rules.to_tag, extra_headers=self._headers
+        )
+        return resp.to_bytes(), _response_address(via, source), counter
+
+    def _bad_request(self, exc: BadRequestError, source: Address) -> Outcome:
+        req = exc.request
+        if req.method == "ACK":
+            return DROP
+        try:
+            return self._reply(req, (400, exc.reason), source, "bad_requests")
+        except (SipParseError, ValueError):
+            return DROP
+
+
+# -- the shared board -------------------------------------------------------------------------
+
+_SEQ = struct.Struct("=Q")
+_LEN = struct.Struct("=I")
+_USERS_AT: Final = 16
+_USERS_MAX: Final = 64 * 1024
+_COUNTERS_AT: Final = _USERS_AT + _USERS_MAX
+_CHILD_BYTES: Final = _SLOTS * 8
+_TOO_MANY: Final = 0xFFFFFFFF
+
+
+class Board:
+    """Shared memory between the main process (one writer of the users) and its receivers.
+
+    Users are published under a sequence lock: the sequence is odd while the main process writes,
+    and a reader that sees it change retries, so a receiver never acts on half a list. A receiver
+    checks only the sequence per request (one 8-byte read) and re-reads the list when it moved.
+    """
+
+    def __init__(self, fd: int, children: int) -> None:
+        self.fd = fd
+        self.children = children
+        self.size = _COUNTERS_AT + max(children, 1) * _CHILD_BYTES
+        if os.fstat(fd).st_size < self.size:
+            os.ftruncate(fd, self.size)
+        self.mm = mmap.mmap(fd, self.size)
+        self._seen = -1
+        self._users: frozenset[str] | None = None
+
+    @classmethod
+    def create(cls, children: int) -> Board:
+        return cls(os.memfd_create("pydmq-udp-children", os.MFD_CLOEXEC), children)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+    # users: written by the main process
+    def publish_users(self, users: Sequence[str]) -> None:
+        data = "\n".join(sorted(users)).encode()
+        seq = _SEQ.unpack_from(self.mm, 0)[0]
+        _SEQ.pack_into(self.mm, 0, seq + 1)  # odd: being written
+        if len(data) > _USERS_MAX:
+            _LEN.pack_into(self.mm, 8, _TOO_MANY)
+        else:
+            _LEN.pack_into(self.mm, 8, len(data))
+            self.mm[_USERS_AT : _USERS_AT + len(data)] = data
+        _SEQ.pack_into(self.mm, 0, seq + 2)
+
+    # users: read by receivers
+    def users(self) -> frozenset[str] | None:
+        """The published users; ``None`` before the first publication or when they do not fit."""
+        mm = self.mm
+        seq = _SEQ.unpack_from(mm, 0)[0]
+        if seq == self._seen:
+            return self._users
+        for _ in range(1000):  # the writer holds the lock for microseconds
+            if seq & 1 == 0:
+                n = _LEN.unpack_from(mm, 8)[0]
+                data = None if n == _TOO_MANY else bytes(mm[_USERS_AT : _USERS_AT + n])
+                again = _SEQ.unpack_from(mm, 0)[0]
+                if again == seq:
+                    users = None
+                    if seq and data is not None:
+                        users = frozenset(data.decode().split("\n")) if data else frozenset()
+                    self._seen, self._users = seq, users
+                    return users
+                seq = again
+            else:
+                time.sleep(0)
+                seq = _SEQ.unpack_from(mm, 0)[0]
+        return None  # never settled: forward, the main process knows
+
+    # counters
+    def write_counters(self, index: int, values: Sequence[int]) -> None:
+        struct.pack_into(f"={len(values)}Q", self.mm, _COUNTERS_AT + index * _CHILD_BYTES, *values)
+
+    def read_counters(self, index: int) -> list[int]:
+        at = _COUNTERS_AT + index * _CHILD_BYTES
+        return list(struct.unpack_from(f"={len(COUNTERS)}Q", self.mm, at))
+
+    def totals(self) -> dict[str, int]:
+        """Every receiver's counters added up (a restarted receiver continues its own)."""
+        sums = [0] * len(COUNTERS)
+        for index in range(self.children):
+            for i, v in enumerate(self.read_counters(index)):
+                sums[i] += v
+        return dict(zip(COUNTERS, sums, strict=True))
+
+
+# -- the receiver process ---------------------------------------------------------------------
+
+#: A forwarded datagram is ``b"<source ip> <source port>\n"`` followed by the datagram.
+#: Receivers announce themselves with ``b"READY <index>\n"`` once their loop runs.
+_READY: Final = b"READY "
+_FLUSH_EVERY: Final = 0.25  # seconds between two counter writes on the board
+_IDLE_CHECK: Final = 1.0  # seconds of silence after which a receiver checks its parent
+
+
+def _die_with_parent() -> None:
+    """Linux: be sent SIGTERM when the main process dies, so no receiver answers OPTIONS for a
+    node that is gone (``prctl(PR_SET_PDEATHSIG)``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(
+    sock: socket.socket,
+    forward: socket.socket,
+    board: Board,
+    index: int,
+    rules: StatelessRules,
+    parent: int,
+) -> None:
+    """Read ``sock`` until the parent goes away; blocking, one datagram at a time."""
+    front = StatelessFront(rules, board.users)
+    handle = front.handle
+    counts = dict.fromkeys(COUNTERS, 0)
+    for name, value in zip(COUNTERS, board.read_counters(index), strict=True):
+        counts[name] = value  # a restarted receiver goes on counting where it stopped
+    recvfrom, sendto, send_up = sock.recvfrom, sock.sendto, forward.send
+    sources: dict[tuple[str, int], Address] = {}
+    heads: dict[tuple[str, int], bytes] = {}
+    max_size = rules.max_size
+    clock = time.monotonic
+    flush_at = clock() + _FLUSH_EVERY
+    sock.settimeout(_IDLE_CHECK)
+    send_up(_READY + str(index).encode() + b"\n")
+    while True:
+        try:
+            data, addr = recvfrom(65536)
+        except TimeoutError:
+            if os.getppid() != parent:
+                return
+            board.write_counters(index, list(counts.values()))
+            continue
+        except InterruptedError:
+            continue
+        counts["received"] += 1
+        if len(data) > max_size:
+            counts["oversize"] += 1
+        elif len(data) <= 8 and not data.strip(b"\r\n\x00 \t"):
+            pass  # keep-alive
+        else:
+            key = addr[:2]
+            source = sources.get(key)
+            if source is None:
+                if len(sources) >= 4096:
+                    sources.clear()
+                    heads.clear()
+                source = sources[key] = Address("udp", key[0], key[1])
+                heads[key] = f"{key[0]} {key[1]}\n".encode()
+            try:
+                outcome = handle(data, source)
+            except Exception:  # a bug must not take the receiver down: let the main decide
+                log.exception("receiver %d: datagram from %s", index, source)
+                outcome = FORWARD
+            if outcome == FORWARD:
+                send_up(heads[key] + data)
+                counts["forwarded"] += 1
+            elif outcome == DROP:
+                counts["dropped_unparsable"] += 1
+            else:
+                reply, dest, counter = outcome  # type: ignore[misc]
+                try:
+                    sendto(reply, (dest.host, dest.port))
+                except OSError as exc:
+                    counts["send_errors"] += 1
+                    log.debug("receiver %d: cannot reply to %s: %s", index, dest, exc)
+                else:
+                    counts["answered"] += 1
+                    if counter != "answered":
+                        counts[counter] += 1
+        now = clock()
+        if now >= flush_at:
+            flush_at = now + _FLUSH_EVERY
+            board.write_counters(index, list(counts.values()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pydmq.sip.prefork <json>``: what :class:`PreforkSupervisor` starts."""
+    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    logging.basicConfig(
+        level=args.get("log_level", "INFO"),
+        format=f"%(asctime)s %(levelname)s udp-child-{args['index']} %(name)s: %(message)s",
+    )
+    _die_with_parent()
+    parent = int(args["parent"])
+    if os.getppid() != parent:
+        return 0  # the parent died while we started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the main stops us
+    sock = socket.socket(fileno=int(args["udp_fd"]))
+    forward = socket.socket(fileno=int(args["forward_fd"]))
+    sock.setblocking(True)
+    forward.setblocking(True)
+    board = Board(int(args["board_fd"]), int(args["children"]))
+    rules = StatelessRules.from_json(args["rules"])
+    # BrokenPipe / ConnectionRefused: the main process is gone or going.
+    with contextlib.suppress(BrokenPipeError, ConnectionRefusedError, KeyboardInterrupt):
+        serve(sock, forward, board, int(args["index"]), rules, parent)
+    return 0
+
+
+# -- the main process's side ------------------------------------------------------------------
+
+OnMessage = Callable[[bytes, Address, Address], None]
+_RESTART_DELAY: Final = 1.0
+_WATCH_EVERY: Final = 0.5
+_READY_TIMEOUT: Final = 15.0
+_DRAIN_BATCH: Final = 256
+_UNIX_BUFFER: Final = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Child:
+    index: int
+    sock: socket.socket
+    local: Address
+    forward_fd: int
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    ready: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class _Channel:
+    """One UDP socket's forwarding pipe: receivers write one end, the main process reads."""
+
+    local: Address
+    ours: socket.socket
+    theirs: socket.socket
+    sources: dict[bytes, Address] = field(default_factory=dict)
+
+
+class PreforkSupervisor:
+    """Starts ``children`` receivers per UDP socket and feeds what they forward to ``on_message``.
+
+    A receiver that exits is restarted after a second (logged once per restart); :meth:`stop`
+    ends them all (SIGTERM, then SIGKILL after a grace period) and waits for them.
+    """
+
+    def __init__(
+        self,
+        sockets: Sequence[tuple[socket.socket, Address]],
+        children: int,
+        rules: StatelessRules,
+        on_message: OnMessage,
+        *,
+        log_level: str = "INFO",
+    ) -> None:
+        if children < 1:
+            raise ValueError("children must be at least 1")
+        self.rules = rules
+        self.on_message = on_message
+        self.log_level = log_level
+        self.board = Board.create(children * len(sockets))
+        self._channels: list[_Channel] = []
+        self._children: list[_Child] = []
+        for sock, local in sockets:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for s in (ours, theirs):
+                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    with contextlib.suppress(OSError):  # a restricted kernel: defaults
+                        s.setsockopt(socket.SOL_SOCKET, option, _UNIX_BUFFER)
+            ours.setblocking(False)
+            self._channels.append(_Channel(local, ours, theirs))
+            for _ in range(children):
+                index = len(self._children)
+                self._children.append(_Child(index, sock, local, theirs.fileno()))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._stopping = False
+
+    # lifecycle
+    async def start(self) -> None:
+        """Start every receiver and wait until each reads its socket (raises on failure)."""
+        loop = self._loop = asyncio.get_running_loop()
+        for channel in self._channels:
+            loop.add_reader(channel.ours.fileno(), self._drain, channel)
+        for child in self._children:
+            self._spawn(child)
+        problem = f"not ready after {_READY_TIMEOUT:g} s"
+        deadline = loop.time() + _READY_TIMEOUT
+        while loop.time() < deadline:
+            waits = [c.ready for c in self._children if c.ready is not None and not c.ready.done()]
+            if not waits:
+                self._watch = loop.call_later(_WATCH_EVERY, self._check)
+                return
+            dead = [c for c in self._children if c.proc is not None and c.proc.poll() is not None]
+            if dead:
+                problem = f"receiver {dead[0].index} exited with {dead[0].proc.returncode}"  # type: ignore[union-attr]
+                break
+            await asyncio.wait(waits, timeout=0.05)
+        await self.stop()
+        raise RuntimeError(f"UDP receiver processes did not start: {problem}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        procs = [c.proc for c in self._children if c.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 2.0
+        for proc in procs:
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self._loop is not None:
+            for channel in self._channels:
+                self._loop.remove_reader(channel.ours.fileno())
+        for channel in self._channels:
+            channel.ours.close()
+            channel.theirs.close()
+        self.board.close()
+
+    # state
+    def publish_users(self, users: Sequence[str]) -> None:
+        """Tell the receivers which R-URI users the main process serves (before it returns)."""
+        self.board.publish_users(users)
+
+    def counters(self) -> dict[str, int]:
+        return self.board.totals()
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c.proc is not None]
+
+    @property
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self._children)
+
+    # internals
+    def _spawn(self, child: _Child) -> None:
+        assert self._loop is not None
+        child.ready = self._loop.create_future()
+        args = {
+            "index": child.index,
+            "children": len(self._children),
+            "parent": os.getpid(),
+            "udp_fd": child.sock.fileno(),
+            "forward_fd": child.forward_fd,
+            "board_fd": self.board.fd,
+            "rules": self.rules.to_json(),
+            "log_level": self.log_level,
+        }
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "pydmq.sip.prefork", json.dumps(args)],
+            pass_fds=(child.sock.fileno(), child.forward_fd, self.board.fd),
+            stdin=subprocess.DEVNULL,
+        )
+
+    def _check(self) -> None:
+        """Restart receivers that exited (bounded: once per child per check)."""
+        if self._stopping or self._loop is None:
+            return
+        for child in self._children:
+            proc = child.proc
+            if proc is not None and proc.poll() is not None:
+                child.restarts += 1
+                log.error(
+                    "UDP receiver %d (pid %d) exited with %s; restarting it",
+                    child.index,
+                    proc.pid,
+                    proc.returncode,
+                )
+                child.proc = None
+                self._loop.call_later(_RESTART_DELAY, self._restart, child)
+        self._watch = self._loop.call_later(_WATCH_EVERY, self._check)
+
+    def _restart(self, child: _Child) -> None:
+        if not self._stopping and child.proc is None:
+            self._spawn(child)
+
+    def _drain(self, channel: _Channel) -> None:
+        recv = channel.ours.recv
+        sources = channel.sources
+        local = channel.local
+        on_message = self.on_message
+        for _ in range(_DRAIN_BATCH):
+            try:
+                packet = recv(70000)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("UDP receivers' pipe on %s failed: %s", local, exc)
+                return
+            nl = packet.find(b"\n")
+            if nl <= 0:
+                continue
+            head = packet[:nl]
+            if head.startswith(_READY):
+                self._ready(int(head[len(_READY) :]))
+                continue
+            source = sources.get(head)
+            if source is None:
+                host, _, port = head.decode().rpartition(" ")
+                if len(sources) >= 4096:
+                    sources.clear()
+                source = sources[head] = Address("udp", host, int(port))
+            try:
+                on_message(packet[nl + 1 :], source, local)
+            except Exception:
+                log.exception("on_message failed for a datagram from %s", source)
+
+    def _ready(self, index: int) -> None:
+        if 0 <= index < len(self._children):
+            ready = self._children[index].ready
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
