@@ -154,7 +154,7 @@ class DmqNode:
             tcp_idle_timeout=s.tcp_idle_timeout,
             tcp_read_timeout=s.tcp_msg_read_timeout,
             max_connections=s.tcp_max_connections,
-            udp_readers_elsewhere=s.udp_children > 0,
+            udp_children=s.udp_children,
         )
         self.receivers: PreforkSupervisor | None = None
         self._everyone = _covers_everything(d.allowed_sources)
@@ -241,8 +241,7 @@ class DmqNode:
             max_line=s.max_line,
         )
         supervisor = PreforkSupervisor(
-            ep.transport.udp_sockets(),
-            s.udp_children,
+            ep.transport.receiver_sockets(),
             rules,
             ep.on_checked_message,
             log_level=self.settings.log.level,

@@ -163,7 +163,7 @@ class SipEndpoint:
         tcp_read_timeout: float = 10.0,
         max_connections: int = 2048,
         max_transactions: int = 100_000,
-        udp_readers_elsewhere: bool = False,
+        udp_children: int = 0,
     ) -> None:
         self.specs = list(specs)
         self.handler = handler
@@ -180,7 +180,7 @@ class SipEndpoint:
             read_timeout=tcp_read_timeout,
             max_connections=max_connections,
             on_send_error=self._on_send_error,
-            udp_readers_elsewhere=udp_readers_elsewhere,
+            udp_children=udp_children,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False

@@ -1,27 +1,29 @@
-"""UDP receiver processes: several readers of one UDP socket, as Kamailio's ``children``.
+"""UDP receiver processes: Kamailio's ``children`` for the stateless part of the traffic.
 
-One Python process tops out at about one core, and most of a DMQ node's UDP traffic needs no
+One Python process tops out at about one core, and much of a DMQ node's UDP traffic needs no
 state: an OPTIONS ping, a KDMQ for a channel nobody registered, a malformed datagram. With
-``[sip] udp_children = N`` the main process stops reading its UDP sockets; N receiver processes
-read each one (they inherit the socket, the kernel hands every datagram to exactly one of them),
-answer what :class:`StatelessRules` lets them answer statelessly, and forward the rest, unparsed,
-to the main process over a private ``socketpair``. Replies to forwarded requests leave from the
-same UDP socket, which the main process keeps for sending.
+``[sip] udp_children = N`` each UDP listener becomes a ``SO_REUSEPORT`` group of N + 1 sockets:
+one per receiver process, then the main process's own. A classic BPF program on the group
+(:mod:`pydmq.sip.steering`) sends responses and KDMQ requests for registered channels straight
+to the main process, in arrival order, and spreads the rest over the receivers, which answer
+what :class:`StatelessRules` lets them answer and forward anything else, unparsed, to the main
+process over a private ``socketpair``.
 
 Pieces, from the inside out:
 
 * :class:`StatelessFront` decides what to do with one datagram: plain code, no I/O, so the rules
-  are tested without processes and must give the bytes the main process would have sent;
+  are tested without processes, and it must give the bytes the main process would have sent;
 * :class:`Board` is a small shared memory page (``memfd``): the main process publishes the
   registered R-URI users (channels) there under a sequence lock, each receiver its counters;
 * :func:`serve` is a receiver's blocking loop (``python -m pydmq.sip.prefork``);
-* :class:`PreforkSupervisor` runs in the main process: it starts the receivers, reads what they
-  forward, restarts one that dies and stops them all.
+* :class:`PreforkSupervisor` runs in the main process: it starts the receivers, keeps the
+  steering program and the board current, reads what receivers forward, restarts one that dies
+  and stops them all.
 
-Ordering: one receiver keeps the order of what it reads. With several, two datagrams of one
-sender may be handled by different receivers and reach the main process swapped, exactly as
-with Kamailio's ``children`` on one socket. ``udp_children = 1`` keeps the order (and still takes
-reading, parsing and the stateless answers off the main process).
+Order: what the main process reads from its own socket keeps the arrival order, so KDMQ on
+registered channels from one sender are handled in order, unlike Kamailio's children. Only a
+KDMQ the program does not recognise (an unusual spelling of the R-URI) takes the receivers'
+path and may overtake or be overtaken.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Final
 
+from pydmq.sip import steering
 from pydmq.sip.endpoint import _response_address, _stamp_via
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.message import (
@@ -344,12 +347,16 @@ def serve(
     max_size = rules.max_size
     clock = time.monotonic
     flush_at = clock() + _FLUSH_EVERY
-    sock.settimeout(_IDLE_CHECK)
+    # A kernel receive timeout on the blocking socket: settimeout() would poll() before every
+    # read. On expiry recvfrom raises BlockingIOError (EAGAIN).
+    seconds = int(_IDLE_CHECK)
+    micros = int((_IDLE_CHECK - seconds) * 1e6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
     send_up(_READY + str(index).encode() + b"\n")
     while True:
         try:
             data, addr = recvfrom(65536)
-        except TimeoutError:
+        except BlockingIOError:  # idle for _IDLE_CHECK seconds
             if os.getppid() != parent:
                 return
             board.write_counters(index, list(counts.values()))
@@ -453,30 +460,33 @@ class _Channel:
 
 
 class PreforkSupervisor:
-    """Starts ``children`` receivers per UDP socket and feeds what they forward to ``on_message``.
+    """Runs one receiver process per receiver socket and feeds what they forward to
+    ``on_message``; keeps the steering program (:mod:`pydmq.sip.steering`) up to date.
 
-    A receiver that exits is restarted after a second (logged once per restart); :meth:`stop`
-    ends them all (SIGTERM, then SIGKILL after a grace period) and waits for them.
+    ``groups`` holds, per UDP listener, the receiver sockets of its SO_REUSEPORT group (the main
+    process's own socket comes last in the group). A receiver that exits is restarted after a
+    second (logged); :meth:`stop` ends them all (SIGTERM, then SIGKILL after a grace period).
     """
 
     def __init__(
         self,
-        sockets: Sequence[tuple[socket.socket, Address]],
-        children: int,
+        groups: Sequence[tuple[Sequence[socket.socket], Address]],
         rules: StatelessRules,
         on_message: OnMessage,
         *,
         log_level: str = "INFO",
     ) -> None:
-        if children < 1:
-            raise ValueError("children must be at least 1")
+        if not groups or not all(socks for socks, _ in groups):
+            raise ValueError("no receiver sockets")
         self.rules = rules
         self.on_message = on_message
         self.log_level = log_level
-        self.board = Board.create(children * len(sockets))
+        self.board = Board.create(sum(len(socks) for socks, _ in groups))
+        self._groups = [(list(socks), local) for socks, local in groups]
         self._channels: list[_Channel] = []
         self._children: list[_Child] = []
-        for sock, local in sockets:
+        self._steering_warned = False
+        for socks, local in self._groups:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             for s in (ours, theirs):
                 for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -484,7 +494,7 @@ class PreforkSupervisor:
                         s.setsockopt(socket.SOL_SOCKET, option, _UNIX_BUFFER)
             ours.setblocking(False)
             self._channels.append(_Channel(local, ours, theirs))
-            for _ in range(children):
+            for sock in socks:
                 index = len(self._children)
                 self._children.append(_Child(index, sock, local, theirs.fileno()))
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -540,8 +550,22 @@ class PreforkSupervisor:
 
     # state
     def publish_users(self, users: Sequence[str]) -> None:
-        """Tell the receivers which R-URI users the main process serves (before it returns)."""
+        """Tell the kernel and the receivers which channels the main process serves: from the
+        moment this returns, none of them is answered 404 by a receiver."""
         self.board.publish_users(users)
+        for socks, local in self._groups:
+            program = steering.build_program(users, len(socks))
+            try:
+                steering.attach(socks[0], program)
+            except OSError as exc:
+                if not self._steering_warned:
+                    self._steering_warned = True
+                    log.warning(
+                        "UDP %s: no steering program (%s); datagrams are spread by source "
+                        "address, and receivers forward what is not theirs",
+                        local,
+                        exc,
+                    )
 
     def counters(self) -> dict[str, int]:
         return self.board.totals()

@@ -29,7 +29,6 @@ message. Connections being opened or in a TLS handshake count toward the limit.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import functools
@@ -784,85 +783,6 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
             self.lost.set_result(None)
 
 
-class _SendOnlyUdp(asyncio.DatagramTransport):
-    """A UDP socket this process sends on but never reads (receiver processes read it).
-
-    ``sendto`` writes at once; if the kernel buffer is full the datagram waits in a bounded
-    queue flushed when the socket is writable again, as asyncio's own transport does.
-    """
-
-    _QUEUE_MAX: Final = 10_000
-
-    def __init__(
-        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, endpoint: _DatagramEndpoint
-    ) -> None:
-        super().__init__()
-        self._sock = sock
-        self._loop = loop
-        self._endpoint = endpoint
-        self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
-        self._closing = False
-
-    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
-        if self._closing:
-            return
-        if self._queue:
-            self._enqueue(bytes(data), addr)
-            return
-        try:
-            self._sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self._enqueue(bytes(data), addr)
-            self._loop.add_writer(self._sock.fileno(), self._flush)
-        except OSError as exc:
-            self._endpoint.error_received(exc)
-
-    def _enqueue(self, data: bytes, addr: Any) -> None:
-        if len(self._queue) >= self._QUEUE_MAX:
-            self._endpoint.mgr.stats.udp_dropped += 1
-            return
-        self._queue.append((data, addr))
-
-    def _flush(self) -> None:
-        queue = self._queue
-        while queue:
-            data, addr = queue[0]
-            try:
-                self._sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._endpoint.error_received(exc)
-            queue.popleft()
-        self._loop.remove_writer(self._sock.fileno())
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "socket":
-            return self._sock
-        if name == "sockname":
-            return self._sock.getsockname()
-        return default
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._queue:
-            self._loop.remove_writer(self._sock.fileno())
-            self._queue.clear()
-        self._sock.close()
-        self._loop.call_soon(self._endpoint.connection_lost, None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._queue)
-
-
 class TransportManager:
     """Owns the listening sockets and stream connections of one node.
 
@@ -885,14 +805,16 @@ class TransportManager:
         max_connections: int = 2048,
         max_write_buffer: int = 4 * 1024 * 1024,
         on_send_error: OnSendError | None = None,
-        udp_readers_elsewhere: bool = False,
+        udp_children: int = 0,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.on_message = on_message
         self.on_send_error = on_send_error
-        #: UDP sockets are read by other processes (see ``udp_sockets``); here they only send.
-        self.udp_readers_elsewhere = udp_readers_elsewhere
+        #: Each UDP listener is a SO_REUSEPORT group: this many receiver sockets (for the
+        #: processes of ``pydmq.sip.prefork``, see ``receiver_sockets``), then ours.
+        self.udp_children = udp_children
+        self._receiver_sockets: list[tuple[list[socket.socket], Address]] = []
         self.tls = tls
         self.max_size = max_size
         self.max_headers_bytes = max_headers_bytes
@@ -944,26 +866,25 @@ class TransportManager:
             raise
 
     async def _start_udp(self, spec: ListenSpec) -> None:
-        family = spec.family
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _grow_udp_buffers(sock)
-            sock.bind((spec.host, spec.port))
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        local = Address("udp", spec.host, sock.getsockname()[1])
-        endpoint = _DatagramEndpoint(self, local)
-        if self.udp_readers_elsewhere:
-            # Receiver processes read it (pydmq.sip.prefork); this process only sends.
-            endpoint.connection_made(_SendOnlyUdp(sock, self.loop, endpoint))
+        if self.udp_children:
+            group = _reuseport_group(spec, self.udp_children + 1)
+            sock = group.pop()
         else:
-            await self.loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+            group = []
+            sock = _udp_socket(spec.family)
+            try:
+                sock.bind((spec.host, spec.port))
+            except BaseException:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        local = Address("udp", spec.host, sock.getsockname()[1])
+        if group:
+            self._receiver_sockets.append((group, local))
+        endpoint = _DatagramEndpoint(self, local)
+        await self.loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
         self._udp.append(endpoint)
-        self._udp_by_family.setdefault(family, endpoint)
+        self._udp_by_family.setdefault(spec.family, endpoint)
         self._udp_by_local[local] = endpoint
 
     async def _start_stream(self, spec: ListenSpec) -> None:
@@ -1008,6 +929,10 @@ class TransportManager:
                 _, late = await asyncio.wait(late, timeout=_CLOSE_GRACE)
                 if late:
                     log.warning("%d connections did not close", len(late))
+        for group, _ in self._receiver_sockets:
+            for receiver in group:
+                receiver.close()
+        self._receiver_sockets.clear()
         for endpoint in self._udp:
             if endpoint.transport is not None:
                 endpoint.transport.close()
@@ -1033,16 +958,9 @@ class TransportManager:
                     return local
         raise LookupError(f"no {proto} listener" + ("" if family is None else f" for {family!r}"))
 
-    def udp_sockets(self) -> list[tuple[socket.socket, Address]]:
-        """The listening UDP sockets, for receiver processes to inherit."""
-        out: list[tuple[socket.socket, Address]] = []
-        for endpoint in self._udp:
-            transport = endpoint.transport
-            if transport is not None:
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    out.append((sock, endpoint.local))
-        return out
+    def receiver_sockets(self) -> list[tuple[list[socket.socket], Address]]:
+        """Per UDP listener, the sockets of its receiver processes (``udp_children``)."""
+        return list(self._receiver_sockets)
 
     @property
     def connection_count(self) -> int:
@@ -1245,6 +1163,47 @@ def _why(exc: BaseException) -> str:
 
 #: What we ask the kernel for; it caps the request at net.core.{r,w}mem_max.
 UDP_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _udp_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _grow_udp_buffers(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reuseport_group(spec: ListenSpec, size: int) -> list[socket.socket]:
+    """``size`` UDP sockets bound to ``spec`` in one SO_REUSEPORT group, in group order.
+
+    The port is first bound without SO_REUSEPORT: if another process (a second pydmq on the same
+    port, say) holds it, this fails with "address in use" instead of silently sharing its
+    traffic; it also picks the port when ``spec.port`` is 0.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("udp_children needs SO_REUSEPORT, which this system lacks")
+    probe = _udp_socket(spec.family)
+    try:
+        probe.bind((spec.host, spec.port))
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(size):
+            sock = _udp_socket(spec.family)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((spec.host, port))
+    except BaseException:
+        for sock in group:
+            sock.close()
+        raise
+    return group
 
 
 def _grow_udp_buffers(sock: socket.socket) -> None:

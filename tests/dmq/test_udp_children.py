@@ -302,3 +302,41 @@ async def test_stop_ends_every_receiver(cluster: Cluster) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_registered_channels_skip_the_receivers(cluster: Cluster, client: Client) -> None:
+    """The kernel hands KDMQ for a registered channel to the main process's own socket; an
+    unusual spelling of the same R-URI goes through a receiver and is still delivered."""
+    node = await cluster.start(sip={"udp_children": 2})
+    node.peers.register("lab", "test channel", _lab)
+    sup = node.receivers
+    assert sup is not None
+    port = node.local.port
+    for i in range(20):
+        reply = await client.ask(port, _req("KDMQ", "lab", body=f"d{i}")(port, client.port))
+        assert reply.endswith(f"lab:d{i}".encode())
+    odd = _req("KDMQ", "lab", body="odd")(port, client.port).replace(b"KDMQ sip:", b"KDMQ SIP:", 1)
+    assert (await client.ask(port, odd)).endswith(b"lab:odd")
+    await eventually(
+        lambda: sup.counters()["forwarded"] == 1, timeout=3, what="the forwarded count"
+    )
+    assert sup.counters()["received"] == 1  # only the odd one
+
+
+async def test_messages_of_one_sender_stay_in_order(cluster: Cluster) -> None:
+    a = await cluster.start()
+    b = await cluster.start(seeds=[a], sip={"udp_children": 2})
+    await wait_joined([a, b])
+    got: list[bytes] = []
+
+    def collect(request: Request, node: Node | None) -> PeerResponse:
+        got.append(request.body)
+        return PeerResponse(200, "OK")
+
+    b.peers.register("bus", "test", collect)
+    a.peers.register_auto("bus")
+    target = next(n for n in a.nodes.remote() if n.key == b.local.key)
+    sent = [f"m{i}".encode() for i in range(500)]
+    finals = [a.send_kdmq(target, "bus", body) for body in sent]
+    assert [code for code, _ in await asyncio.gather(*finals)] == [200] * len(sent)
+    assert got == sent
