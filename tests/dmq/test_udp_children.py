@@ -9,6 +9,7 @@ per-node port and To tag are written alike), or stay silent alike.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import signal
@@ -340,3 +341,18 @@ async def test_messages_of_one_sender_stay_in_order(cluster: Cluster) -> None:
     finals = [a.send_kdmq(target, "bus", body) for body in sent]
     assert [code for code, _ in await asyncio.gather(*finals)] == [200] * len(sent)
     assert got == sent
+
+
+async def test_a_second_node_on_the_same_port_fails_to_start(cluster: Cluster) -> None:
+    """SO_REUSEPORT must not let a second node silently share the first one's traffic."""
+    first = await cluster.start(sip={"udp_children": 2})
+    port = first.local.port
+    for sip in ({"udp_children": 2}, None):
+        second = cluster.create(port=port, sip=sip)
+        with pytest.raises(OSError) as info:
+            await second.start()
+        assert info.value.errno == errno.EADDRINUSE
+    plain = await cluster.start()
+    third = cluster.create(port=plain.local.port, sip={"udp_children": 1})
+    with pytest.raises(OSError):
+        await third.start()
