@@ -4,6 +4,8 @@ Run: ``python bench/memory.py [--cells 100000]``.
 
 * idle: ``pydmq run`` with the default settings (plus a JSON-RPC listener), and the same with
   the htable table ``t`` replicated (the benchmark configuration), 3 s after start;
+* idle with ``[sip] udp_children = 2`` (the ``compare.py`` configuration): the main process's
+  RSS and the PSS of the node's three processes;
 * holding N cells: a ``pydmq run`` joiner after it received N cells of table ``t`` by the
   join-time sync from a pydmq source (see ``htable_sync.py``);
 * for context, Kamailio 5.6.3 idle (``children=2``, htable): the sum of the proportional set
@@ -60,6 +62,21 @@ def idle_rss(htable: bool) -> float:
         proc.stop()
 
 
+def idle_with_receivers(children: int) -> tuple[float, float, int]:
+    """``[sip] udp_children``: (main RSS, PSS of the node's processes in all, processes)."""
+    proc = PydmqProcess(
+        dmq={"ping_interval": 60},
+        htable={"tables": [HTABLE_DEF], "enable_dmq": True},
+        extra={"sip": {"udp_children": children}},
+    ).start()
+    try:
+        time.sleep(3)
+        pids = proc.pids()
+        return proc_rss_kb(proc.pid) / 1024, sum(pss_kb(p) for p in pids) / 1024, len(pids)
+    finally:
+        proc.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=100_000)
@@ -71,6 +88,11 @@ def main() -> int:
         print(f"pydmq idle, default settings      : {plain:6.1f} MB RSS (goal <= {GOAL_MB} MB)")
         with_ht = idle_rss(True)
         print(f"pydmq idle, htable t replicated   : {with_ht:6.1f} MB RSS (goal <= {GOAL_MB} MB)")
+        rss, pss, n = idle_with_receivers(2)
+        print(
+            f"pydmq idle, htable, udp_children=2: {rss:6.1f} MB RSS main process,"
+            f" {pss:.1f} MB PSS over its {n} processes"
+        )
         r = asyncio.run(case_from_pydmq("pydmq", args.cells, 180.0))
         print(
             f"pydmq holding {args.cells:,} cells       : {r['rss_mb']:6.1f} MB RSS"

@@ -25,7 +25,6 @@ REQUESTS = [p for p in FILES if "__reply_" not in p.name]
 PAIRS = [(p, r) for p in REQUESTS for r in FILES if r.name.startswith(p.stem + "__reply_")]
 
 
-
 def _ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
 
