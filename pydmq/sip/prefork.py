@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Final
 
 from pydmq.sip import steering
@@ -438,6 +439,14 @@ _DRAIN_BATCH: Final = 256
 _UNIX_BUFFER: Final = 4 * 1024 * 1024
 
 
+def _child_env() -> dict[str, str]:
+    """Our environment, with the directory this pydmq was imported from first on PYTHONPATH:
+    a receiver must run the same code as the node, installed or not (a source checkout)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 @dataclass(slots=True)
 class _Child:
     index: int
@@ -500,6 +509,7 @@ class PreforkSupervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._stopped = False
 
     # lifecycle
     async def start(self) -> None:
@@ -525,6 +535,10 @@ class PreforkSupervisor:
         raise RuntimeError(f"UDP receiver processes did not start: {problem}")
 
     async def stop(self) -> None:
+        """End every receiver and release the pipes and the board; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
@@ -595,6 +609,7 @@ class PreforkSupervisor:
             [sys.executable, "-m", "pydmq.sip.prefork", json.dumps(args)],
             pass_fds=(child.sock.fileno(), child.forward_fd, self.board.fd),
             stdin=subprocess.DEVNULL,
+            env=_child_env(),
         )
 
     def _check(self) -> None:

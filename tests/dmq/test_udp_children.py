@@ -356,3 +356,12 @@ async def test_a_second_node_on_the_same_port_fails_to_start(cluster: Cluster) -
     third = cluster.create(port=plain.local.port, sip={"udp_children": 1})
     with pytest.raises(OSError):
         await third.start()
+
+
+async def test_stopping_the_receivers_twice_is_harmless(cluster: Cluster) -> None:
+    node = await cluster.start(sip={"udp_children": 1})
+    sup = node.receivers
+    assert sup is not None
+    await sup.stop()
+    await sup.stop()
+    await node.stop(announce=False)  # stops them a third time
