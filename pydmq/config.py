@@ -149,7 +149,8 @@ class SipSettings:
     tcp_msg_read_timeout: float = 10.0
     #: TCP/TLS connections at once, opening ones included (Kamailio's tcp_max_connections).
     tcp_max_connections: int = 2048
-    #: Processes reading each UDP socket (Kamailio's ``children``); 0: the main process reads.
+    #: Receiver processes per UDP listener (Kamailio's ``children``; pydmq.sip.prefork): they
+    #: answer the stateless requests, the kernel steers the rest to us. 0: we read everything.
     udp_children: int = 0
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
