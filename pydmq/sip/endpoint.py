@@ -240,13 +240,17 @@ class SipEndpoint:
         return self._loop.time()
 
     # -- receiving -------------------------------------------------------------------------
-    def _on_message(self, data: bytes, source: Address, local: Address) -> None:
+    def _on_message(
+        self, data: bytes, source: Address, local: Address, checked: bool = False
+    ) -> None:
         if self._closed:
             return
         self.stats.received += 1
         try:
             msg = parse_message(data, self.limits)
-            if isinstance(msg, Response):
+            if checked:
+                pass
+            elif isinstance(msg, Response):
                 validate_response(msg)
             else:
                 validate_request(msg)
@@ -261,18 +265,7 @@ class SipEndpoint:
     def on_checked_message(self, data: bytes, source: Address, local: Address) -> None:
         """A datagram a UDP receiver process (``pydmq.sip.prefork``) has already parsed and
         validated with this same code: parsed again here, but not checked twice."""
-        if self._closed:
-            return
-        self.stats.received += 1
-        try:
-            msg = parse_message(data, self.limits)
-        except SipParseError as exc:  # cannot happen unless the receiver runs other code
-            self._on_parse_error(data, exc, source, local)
-            return
-        if isinstance(msg, Response):
-            self._on_response(msg)
-        else:
-            self._on_request(msg, source, local)
+        self._on_message(data, source, local, True)
 
     def _on_parse_error(
         self, data: bytes, exc: SipParseError, source: Address, local: Address
