@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -27,7 +26,7 @@ from pydmq.dmq.multinotify import (
     resolve_host,
     resolver_for_server,
 )
-from pydmq.dmq.node import Node, NodeError, NodeKey, build_local_node, node_key, normalize_ip
+from pydmq.dmq.node import Node, NodeError, NodeKey, build_local_node, node_key
 from pydmq.dmq.nodelist import MembershipEvent, MembershipPolicy, NodeList
 from pydmq.dmq.notification import (
     Command,
@@ -39,6 +38,7 @@ from pydmq.dmq.notification import (
 from pydmq.dmq.peer import Peer, PeerRegistry, PeerResponse, run_init_callbacks
 from pydmq.dmq.stats import DmqStats, EventBus
 from pydmq.dmq.worker import WorkerPool
+from pydmq.sip.access import SourceFilter
 from pydmq.sip.endpoint import IncomingRequest, SipEndpoint
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.message import Limits, Request, Response
@@ -157,8 +157,7 @@ class DmqNode:
             udp_children=s.udp_children,
         )
         self.receivers: PreforkSupervisor | None = None
-        self._everyone = _covers_everything(d.allowed_sources)
-        self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
+        self._sources = SourceFilter(d.allowed_sources)
         self._ping_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
@@ -331,16 +330,8 @@ class DmqNode:
         return self._run(self.notification.on_ping_timer())
 
     # -- receiving -------------------------------------------------------------------------
-    def _source_allowed(self, ip: str) -> bool:
-        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d: compare them as IPv4.
-        norm = normalize_ip(ip)
-        if norm is None:
-            return False
-        addr = ipaddress.ip_address(norm)
-        return any(addr in net for net in self.settings.dmq.allowed_sources)
-
     def _on_request(self, incoming: IncomingRequest) -> None:
-        if not self._everyone and not self._allowed(incoming.source.host):
+        if not self._sources.allows(incoming.source.host):
             self.stats.record_rejected(403)
             log.debug(
                 "403 to %s %s from %s: not in allowed_sources",
@@ -655,11 +646,6 @@ def _sender_key(request: Request) -> NodeKey | None:
 #: A node's identity by URI text: the same few peers send every message. A NodeError is not
 #: cached (lru_cache keeps only returned values), so a bad URI costs a parse each time.
 _node_key = lru_cache(maxsize=1024)(node_key)
-
-
-def _covers_everything(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    nets = {str(n) for n in networks}
-    return "0.0.0.0/0" in nets and "::/0" in nets
 
 
 __all__ = ["DmqError", "DmqNode", "NodeStats", "default_route", "kdmq_uri", "node_address"]

@@ -271,16 +271,16 @@ class SipEndpoint:
         self, data: bytes, exc: SipParseError, source: Address, local: Address
     ) -> None:
         if isinstance(exc, BadRequestError) and exc.request.method != "ACK":
-            request = exc.request
             try:
-                _stamp_via(request.via, source)
-                resp = self.build_response(request, 400, exc.reason).to_bytes()
+                resp, dest = stateless_reply(
+                    exc.request, 400, exc.reason, source, self.user_agent, self._to_tag
+                )
             except (SipParseError, ValueError):
                 pass
             else:
                 self.stats.bad_requests += 1
                 log.info("400 %s to %s", exc.reason, source)
-                self._send(resp, _response_address(request.via, source), local)
+                self._send(resp, dest, local)
                 return
         self.stats.dropped_unparsable += 1
         log.debug("dropped %d bytes from %s: %s", len(data), source, exc.reason)
@@ -367,16 +367,15 @@ class SipEndpoint:
         extra_headers: Iterable[tuple[str, str]] = (),
     ) -> Response:
         """A response to ``request`` (RFC 3261 §8.2.6) in the layout of Kamailio's sl replies."""
-        headers = [("Server", self.user_agent), *extra_headers]
-        tag = None if status == 100 else self._to_tag
-        return make_response(
+        return sl_response(
             request,
             status,
             reason,
-            to_tag=tag,
-            extra_headers=headers,
-            body=body,
-            content_type=content_type,
+            self.user_agent,
+            self._to_tag,
+            body,
+            content_type,
+            extra_headers,
         )
 
     # -- sending requests ------------------------------------------------------------------
@@ -584,6 +583,41 @@ class SipEndpoint:
         if at is not None and now < at:
             now = at
         self._apply(self.layer.on_timer(now))
+
+
+def sl_response(
+    request: Request,
+    status: int,
+    reason: str,
+    user_agent: str,
+    to_tag: str,
+    body: bytes = b"",
+    content_type: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> Response:
+    """A reply in the layout of Kamailio's sl module: ``Server`` first, then ``extra_headers``;
+    ``to_tag`` on every To without a tag except in a 100 (RFC 3261 §8.2.6)."""
+    return make_response(
+        request,
+        status,
+        reason,
+        to_tag=None if status == 100 else to_tag,
+        extra_headers=[("Server", user_agent), *extra_headers],
+        body=body,
+        content_type=content_type,
+    )
+
+
+def stateless_reply(
+    request: Request, status: int, reason: str, source: Address, user_agent: str, to_tag: str
+) -> tuple[bytes, Address]:
+    """Answer ``request`` from ``source`` without a transaction: stamp its top Via (§18.2.1),
+    build the reply, and say where it goes (§18.2.2). Raises ``SipParseError`` (no usable
+    Via) or ``ValueError`` (a reason that cannot be written) when there is no reply to send."""
+    via = request.via
+    _stamp_via(via, source)
+    data = sl_response(request, status, reason, user_agent, to_tag).to_bytes()
+    return data, _response_address(via, source)
 
 
 @functools.lru_cache(maxsize=1024)

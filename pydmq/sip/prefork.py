@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ipaddress
 import json
 import logging
 import mmap
@@ -44,18 +43,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
 from pydmq.sip import steering
-from pydmq.sip.endpoint import _response_address, _stamp_via
+from pydmq.sip.access import SourceFilter
+from pydmq.sip.endpoint import stateless_reply
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.message import (
     BadRequestError,
     Limits,
     Request,
-    make_response,
     parse_message,
     validate_request,
     validate_response,
@@ -149,20 +147,7 @@ class StatelessFront:
         self.rules = rules
         self.limits = Limits(rules.max_size, rules.max_headers, rules.max_line)
         self._users = users
-        self._headers = [("Server", rules.user_agent)]
-        nets = tuple(ipaddress.ip_network(n, strict=False) for n in rules.allowed_sources)
-        everyone = {"0.0.0.0/0", "::/0"} <= {str(n) for n in nets}
-        self._nets = () if everyone else nets
-        self._allowed = lru_cache(maxsize=4096)(self._source_allowed)
-
-    def _source_allowed(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._nets)
+        self._sources = SourceFilter(rules.allowed_sources or ("0.0.0.0/0", "::/0"))
 
     def handle(self, data: bytes, source: Address) -> Outcome:
         rules = self.rules
@@ -179,7 +164,7 @@ class StatelessFront:
         method = msg.method
         if method == "ACK":
             return DROP  # the main process ignores every ACK (non-INVITE transactions only)
-        if self._nets and not self._allowed(source.host):
+        if not self._sources.allows(source.host):
             return self._reply(msg, rules.forbidden, source, "forbidden")
         if rules.forward_all:
             return FORWARD
@@ -201,13 +186,9 @@ class StatelessFront:
     def _reply(
         self, req: Request, answer: tuple[int, str], source: Address, counter: str
     ) -> Outcome:
-        via = req.via
-        _stamp_via(via, source)
-        status, reason = answer
-        resp = make_response(
-            req, status, reason, to_tag=self.rules.to_tag, extra_headers=self._headers
-        )
-        return resp.to_bytes(), _response_address(via, source), counter
+        rules = self.rules
+        data, dest = stateless_reply(req, *answer, source, rules.user_agent, rules.to_tag)
+        return data, dest, counter
 
     def _bad_request(self, exc: BadRequestError, source: Address) -> Outcome:
         req = exc.request
