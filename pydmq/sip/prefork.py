@@ -58,7 +58,7 @@ from pydmq.sip.message import (
     validate_request,
     validate_response,
 )
-from pydmq.sip.transport import Address
+from pydmq.sip.transport import Address, is_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +348,8 @@ def serve(
         counts["received"] += 1
         if len(data) > max_size:
             counts["oversize"] += 1
-        elif len(data) <= 8 and not data.strip(b"\r\n\x00 \t"):
-            pass  # keep-alive
+        elif is_keepalive(data):
+            pass
         else:
             key = addr[:2]
             source = sources.get(key)

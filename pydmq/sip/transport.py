@@ -762,7 +762,7 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         if len(data) > self._max_size:
             self.mgr.stats.udp_dropped += 1
             return
-        if len(data) <= _KEEPALIVE_MAX and not data.strip(b"\r\n\x00 \t"):
+        if len(data) <= _KEEPALIVE_MAX and is_keepalive(data):  # no call for the others
             return
         source = self._sources.get(addr)
         if source is None:
@@ -1163,6 +1163,11 @@ def _why(exc: BaseException) -> str:
 
 #: What we ask the kernel for; it caps the request at net.core.{r,w}mem_max.
 UDP_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def is_keepalive(data: bytes) -> bool:
+    """A UDP keep-alive (RFC 5626 style CRLF pings, NUL or blanks): dropped, never parsed."""
+    return len(data) <= _KEEPALIVE_MAX and not data.strip(b"\r\n\x00 \t")
 
 
 def _udp_socket(family: int) -> socket.socket:
