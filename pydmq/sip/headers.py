@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pydmq.sip.errors import SipParseError
+from pydmq.sip.memo import remember
 from pydmq.sip.uri import SipUri, split_hostport
 
 __all__ = [
@@ -360,9 +361,7 @@ class Via:
             if hit is None:
                 hit = _parse_via_head(head)
                 if len(head) <= 128:
-                    if len(_VIA_HEAD_CACHE) >= _VIA_HEAD_CACHE_MAX:
-                        _VIA_HEAD_CACHE.clear()
-                    _VIA_HEAD_CACHE[head] = hit
+                    remember(_VIA_HEAD_CACHE, head, hit, _VIA_HEAD_CACHE_MAX)
             if semi < 0:
                 return cls(hit[0], hit[1], hit[2], {})
             params = _parse_param_text(s[semi + 1 :])
@@ -568,9 +567,7 @@ class CSeq(NamedTuple):
             return hit
         cseq = cls._parse(text)
         if len(text) <= 64:
-            if len(_CSEQ_CACHE) >= _CSEQ_CACHE_MAX:
-                _CSEQ_CACHE.clear()
-            _CSEQ_CACHE[text] = cseq
+            remember(_CSEQ_CACHE, text, cseq, _CSEQ_CACHE_MAX)
         return cseq
 
     @classmethod

@@ -39,6 +39,7 @@ from pydmq.sip.headers import (
     is_token,
     split_commas,
 )
+from pydmq.sip.memo import remember
 from pydmq.sip.uri import SipUri
 
 __all__ = [
@@ -990,9 +991,7 @@ def _constant_row(name: str, value: str) -> _Row:
         key_, name_, value_, _ = _make_row(name, value)
         row = _text_row(key_, name_, value_)
         if len(name) + len(value) <= 256:
-            if len(_ROW_CACHE) >= _ROW_CACHE_MAX:
-                _ROW_CACHE.clear()
-            _ROW_CACHE[key] = row
+            remember(_ROW_CACHE, key, row, _ROW_CACHE_MAX)
     return row
 
 
@@ -1007,9 +1006,7 @@ def _check_constant(value: str) -> str:
     if checked is None:
         checked = _check_value(value)
         if len(value) <= 128:
-            if len(_CHECKED) >= _CHECKED_MAX:
-                _CHECKED.clear()
-            _CHECKED[value] = checked
+            remember(_CHECKED, value, checked, _CHECKED_MAX)
     return checked
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pydmq.sip.errors import SipParseError
+from pydmq.sip.memo import remember
 
 #: Transports Kamailio knows in a ``transport=`` parameter, lower-case.
 KNOWN_TRANSPORTS = frozenset({"udp", "tcp", "tls", "sctp", "ws", "wss"})
@@ -68,9 +69,7 @@ class SipUri:
             return uri
         uri = cls._parse(text)
         if len(text) <= 256:
-            if len(_URI_CACHE) >= _URI_CACHE_MAX:
-                _URI_CACHE.clear()
-            _URI_CACHE[text] = (
+            fields: _UriFields = (
                 uri.scheme,
                 uri.host,
                 uri.user,
@@ -80,6 +79,7 @@ class SipUri:
                 dict(uri.params),
                 uri.headers,
             )
+            remember(_URI_CACHE, text, fields, _URI_CACHE_MAX)
         return uri
 
     @classmethod
@@ -202,9 +202,7 @@ def split_hostport(hostport: str) -> tuple[str, int | None, str]:
         return hit
     result = _split_hostport_uncached(hostport)
     if len(hostport) <= 128:
-        if len(_HOSTPORT_CACHE) >= _HOSTPORT_CACHE_MAX:
-            _HOSTPORT_CACHE.clear()
-        _HOSTPORT_CACHE[hostport] = result
+        remember(_HOSTPORT_CACHE, hostport, result, _HOSTPORT_CACHE_MAX)
     return result
 
 
