@@ -378,21 +378,21 @@ class SipMessage:
     def from_(self) -> NameAddr:
         addr = self._from
         if addr is None:
-            value = self._first_value("from")
-            if value is None:
-                raise SipParseError("Missing From")
-            addr = self._from = NameAddr.parse(value, "From")
+            addr = self._from = self._parse_name_addr("from", "From")
         return addr
 
     @property
     def to(self) -> NameAddr:
         addr = self._to
         if addr is None:
-            value = self._first_value("to")
-            if value is None:
-                raise SipParseError("Missing To")
-            addr = self._to = NameAddr.parse(value, "To")
+            addr = self._to = self._parse_name_addr("to", "To")
         return addr
+
+    def _parse_name_addr(self, key: str, what: str) -> NameAddr:
+        value = self._first_value(key)
+        if value is None:
+            raise SipParseError(f"Missing {what}")
+        return NameAddr.parse(value, what)
 
     @property
     def call_id(self) -> str:
