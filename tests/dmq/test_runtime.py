@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -36,15 +35,6 @@ from tests.support.net import build_request, free_port, tcp_request, udp_request
 pytestmark = pytest.mark.timeout(30)
 
 NOTIF = "notification_peer"
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _remote_keys(node: DmqNode) -> set[tuple[str, str, str]]:

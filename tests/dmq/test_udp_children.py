@@ -32,15 +32,6 @@ pytestmark = pytest.mark.timeout(60)
 CHILDREN = {"udp_children": 1}  # one receiver keeps the order, so silence can be proven
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 def _lab(request: Request, node: Node | None) -> PeerResponse:
     return PeerResponse(200, "OK", body=b"lab:" + request.body, content_type="text/plain")
 

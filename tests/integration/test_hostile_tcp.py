@@ -26,7 +26,6 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -40,15 +39,6 @@ pytestmark = pytest.mark.timeout(60)
 
 READ_TIMEOUT = 1.0
 MAX_CONNECTIONS = 40
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _tcp_node(cluster: Cluster, **sip: object) -> DmqNode:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,15 +94,6 @@ def tls_sip(pki: Pki, cert: tuple[Path, Path], **extra: Any) -> dict[str, Any]:
         "tls_verify_client": True,
         **extra,
     }
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 # ------------------------------------------------------------------------------------ clients

@@ -112,15 +112,6 @@ class UdpPeer(asyncio.DatagramProtocol):
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
 async def peers() -> AsyncIterator[Callable[..., Any]]:
     """``await peers(ip)`` opens a :class:`UdpPeer`; all are closed at teardown."""
     opened: list[UdpPeer] = []
