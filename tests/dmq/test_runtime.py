@@ -30,7 +30,7 @@ from tests.support.cluster import (
     wait_for_condition,
     wait_joined,
 )
-from tests.support.net import build_request, free_port, tcp_request, udp_request
+from tests.support.net import build_request, free_port, tcp_request, udp_options, udp_request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,14 +49,7 @@ async def _udp(port: int, data: bytes, *, timeout: float = 2.0):  # -> SipReply
 
 
 async def _options(port: int) -> int:
-    reply = await asyncio.to_thread(
-        udp_request,
-        "127.0.0.1",
-        port,
-        lambda local: build_request("OPTIONS", f"sip:127.0.0.1:{port}", local=local),
-        timeout=2.0,
-    )
-    return reply.code
+    return await asyncio.to_thread(udp_options, port, timeout=2.0)
 
 
 def _notification(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import build_request, free_port, udp_request
+from tests.support.net import free_port, udp_options
 from tests.support.statusfile import read_status
 from tests.support.toml import to_toml
 
@@ -89,23 +89,13 @@ def node(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
         log.close()
 
 
-def _options(port: int) -> int:
-    reply = udp_request(
-        "127.0.0.1",
-        port,
-        lambda local: build_request("OPTIONS", f"sip:127.0.0.1:{port}", local=local),
-        timeout=3.0,
-    )
-    return reply.code
-
-
 def test_receivers_end_when_the_node_is_killed(
     node: tuple[subprocess.Popen[bytes], int, Path],
 ) -> None:
     proc, port, _ = node
     receivers = _children(proc.pid)
     assert len(receivers) == 2
-    assert _options(port) == 200
+    assert udp_options(port) == 200
     proc.kill()
     proc.wait(10)
     _wait(lambda: not any(_alive(p) for p in receivers), 10, "the receivers to exit")
@@ -117,7 +107,7 @@ def test_receivers_end_when_the_node_stops(
     proc, port, tmp_path = node
     receivers = _children(proc.pid)
     assert len(receivers) == 2
-    assert _options(port) == 200
+    assert udp_options(port) == 200
     proc.send_signal(signal.SIGINT)  # Ctrl-C reaches only the node: it stops them
     assert proc.wait(10) == 0, (tmp_path / "node.log").read_text()
     _wait(lambda: not any(_alive(p) for p in receivers), 10, "the receivers to exit")

@@ -19,6 +19,7 @@ __all__ = [
     "free_port",
     "parse_reply",
     "tcp_request",
+    "udp_options",
     "udp_request",
     "wait_until",
 ]
@@ -279,3 +280,13 @@ def tcp_request(
             if not chunk:
                 raise ConnectionError(f"{host}:{port} closed the connection; got {buf!r}")
             buf += chunk
+
+
+def udp_options(port: int, *, timeout: float = 3.0) -> int:
+    """The status of the final reply to an OPTIONS sent to ``127.0.0.1:port`` over UDP."""
+    return udp_request(
+        "127.0.0.1",
+        port,
+        lambda local: build_request("OPTIONS", f"sip:127.0.0.1:{port}", local=local),
+        timeout=timeout,
+    ).code
