@@ -188,6 +188,16 @@ def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def table_cells(rpc: Callable[[str], Any], table: str = "t") -> int | None:
+    """Cells of htable ``table`` in a node's ``htable.stats`` (Kamailio's or pydmq's JSON-RPC
+    method, same shape); None when the node does not answer."""
+    with contextlib.suppress(Exception):
+        for row in rpc("htable.stats"):
+            if row.get("name") == table:
+                return int(row.get("all", 0))
+    return None
+
+
 @dataclass
 class PydmqProcess:
     """One pydmq node as ``python -m pydmq run -c node.toml`` (uvloop, the consumers the config

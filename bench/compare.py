@@ -48,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +68,7 @@ from benchlib import (
     start_kamailio,
     stop_kamailio,
     system_busy_ticks,
+    table_cells,
 )
 
 KEYS = 1000  # distinct htable keys cycled by scenario (a)
@@ -184,13 +186,7 @@ def kamailio_server(workdir: Path) -> tuple[Server, KamailioNode]:
         extra_global=f"maxbuffer={KAMAILIO_MAXBUFFER}",
     )
 
-    def cells() -> int | None:
-        with contextlib.suppress(Exception):
-            for row in node.rpc_result("htable.stats"):
-                if row.get("name") == "t":
-                    return int(row.get("all", 0))
-        return None
-
+    cells = partial(table_cells, node.rpc_result)
     server = Server("Kamailio", node.port, node.group_pids, lambda: node.running, cells)
     return server, node
 
@@ -199,17 +195,11 @@ def pydmq_server(udp_children: int = UDP_CHILDREN) -> tuple[Server, PydmqProcess
     proc = PydmqProcess(
         dmq={"num_workers": 2, "ping_interval": 60},
         htable={"tables": [HTABLE_DEF], "enable_dmq": True, "dmq_init_sync": True},
-        # Kamailio's children=2: two processes read the UDP socket.
+        # Kamailio's children=2: two receiver processes beside the main one.
         extra={"sip": {"udp_children": udp_children}},
     ).start()
 
-    def cells() -> int | None:
-        with contextlib.suppress(Exception):
-            for row in proc.rpc("htable.stats"):
-                if row.get("name") == "t":
-                    return int(row.get("all", 0))
-        return None
-
+    cells = partial(table_cells, proc.rpc)
     server = Server("pydmq", proc.port, proc.pids, lambda: proc.running, cells)
     return server, proc
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from benchlib import (
     start_kamailio,
     stop_all,
     stop_kamailio,
+    table_cells,
 )
 
 from pydmq.config import settings_from_mapping
@@ -51,19 +51,13 @@ from pydmq.sip.transport import install_uvloop
 
 
 def kamailio_cells(node: KamailioNode) -> int:
-    with contextlib.suppress(Exception):
-        for row in node.rpc_result("htable.stats"):
-            if row.get("name") == "t":
-                return int(row.get("all", 0))
-    return -1
+    cells = table_cells(node.rpc_result)
+    return -1 if cells is None else cells
 
 
 def pydmq_cells(proc: PydmqProcess) -> int:
-    with contextlib.suppress(Exception):
-        for row in proc.rpc("htable.stats"):
-            if row.get("name") == "t":
-                return int(row.get("all", 0))
-    return -1
+    cells = table_cells(proc.rpc)
+    return -1 if cells is None else cells
 
 
 async def wait_cells(count: Callable[[], int], want: int, timeout: float) -> float:
