@@ -27,6 +27,8 @@ __all__ = [
     "PeerError",
     "PeerRegistry",
     "PeerResponse",
+    "call_callback",
+    "finish_callback",
     "run_callback",
     "run_init_callbacks",
 ]
@@ -151,22 +153,42 @@ class PeerRegistry:
         return reversed(self._peers.values())
 
 
+def call_callback(peer: Peer, request: Request, node: Node | None) -> object:
+    """Call ``peer``'s message callback: its result, an awaitable for an asynchronous one.
+
+    An exception is a bug in consumer code: it is logged once with the peer id and answered
+    ``500 Server Internal Error``, the reply the consumers use for processing failures, so one
+    bad consumer cannot kill the node.
+    """
+    try:
+        return peer.callback(request, node)
+    except Exception:
+        logger.exception("DMQ peer %r: message callback failed", peer.peer_id)
+        return PeerResponse(500, "Server Internal Error")
+
+
+async def finish_callback(peer: Peer, pending: Awaitable[object]) -> object:
+    """Await what :func:`call_callback` returned for an asynchronous callback, with the same
+    rule for exceptions. Cancellation is not caught."""
+    try:
+        return await pending
+    except Exception:
+        logger.exception("DMQ peer %r: message callback failed", peer.peer_id)
+        return PeerResponse(500, "Server Internal Error")
+
+
 async def run_callback(peer: Peer, request: Request, node: Node | None) -> PeerResponse:
     """Run ``peer``'s message callback, awaiting it if it is asynchronous.
 
-    An exception (or a return value that is not a :class:`PeerResponse`) is a bug in consumer
-    code: it is logged once with the peer id and answered ``500 Server Internal Error``, the
-    reply the consumers use for processing failures, so one bad consumer cannot kill the node.
-    Cancellation is not caught.
+    Exceptions are answered as in :func:`call_callback`; a return value that is not a
+    :class:`PeerResponse` is logged and answered ``500`` too. Cancellation is not caught.
     """
-    try:
-        result = peer.callback(request, node)
-        if inspect.isawaitable(result):
-            result = await result
-        if not isinstance(result, PeerResponse):
-            raise TypeError(f"callback returned {type(result).__name__}, not PeerResponse")
-    except Exception:
-        logger.exception("DMQ peer %r: message callback failed", peer.peer_id)
+    result = call_callback(peer, request, node)
+    if inspect.isawaitable(result):
+        result = await finish_callback(peer, result)
+    if not isinstance(result, PeerResponse):
+        error = TypeError(f"callback returned {type(result).__name__}, not PeerResponse")
+        logger.error("DMQ peer %r: message callback failed", peer.peer_id, exc_info=error)
         return PeerResponse(500, "Server Internal Error")
     return result
 

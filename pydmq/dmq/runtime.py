@@ -35,7 +35,14 @@ from pydmq.dmq.notification import (
     RunInitCallbacks,
     SendNotification,
 )
-from pydmq.dmq.peer import Peer, PeerRegistry, PeerResponse, run_init_callbacks
+from pydmq.dmq.peer import (
+    Peer,
+    PeerRegistry,
+    PeerResponse,
+    call_callback,
+    finish_callback,
+    run_init_callbacks,
+)
 from pydmq.dmq.stats import DmqStats, EventBus
 from pydmq.dmq.worker import WorkerPool
 from pydmq.sip.access import SourceFilter
@@ -395,11 +402,7 @@ class DmqNode:
         """The worker job of :meth:`handle_message`: a synchronous callback runs and is answered
         right here; a coroutine's result comes back for the worker to await (in order)."""
         node = None if sender is None else self.nodes.find(sender)
-        try:
-            result = peer.callback(incoming.request, node)
-        except Exception:
-            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
-            result = PeerResponse(500, "Server Internal Error")
+        result = call_callback(peer, incoming.request, node)
         if type(result) is not PeerResponse and inspect.isawaitable(result):
             return self._finish_inline(peer, incoming, result)
         self._answer(peer, incoming, result)
@@ -407,26 +410,16 @@ class DmqNode:
 
     def _process_inline(self, peer: Peer, incoming: IncomingRequest) -> None:
         """Run a synchronous callback and answer before returning; a coroutine goes to a task."""
-        node = self.sender_node(incoming.request)
-        try:
-            result = peer.callback(incoming.request, node)
-        except Exception:
-            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
-            result = PeerResponse(500, "Server Internal Error")
+        result = call_callback(peer, incoming.request, self.sender_node(incoming.request))
         if inspect.isawaitable(result):
             self._spawn(self._finish_inline(peer, incoming, result))
             return
         self._answer(peer, incoming, result)
 
     async def _finish_inline(
-        self, peer: Peer, incoming: IncomingRequest, pending: Awaitable[PeerResponse]
+        self, peer: Peer, incoming: IncomingRequest, pending: Awaitable[object]
     ) -> None:
-        try:
-            result = await pending
-        except Exception:
-            log.exception("DMQ peer %r: message callback failed", peer.peer_id)
-            result = PeerResponse(500, "Server Internal Error")
-        self._answer(peer, incoming, result)
+        self._answer(peer, incoming, await finish_callback(peer, pending))
 
     def _answer(self, peer: Peer, incoming: IncomingRequest, response: object) -> None:
         if not isinstance(response, PeerResponse):
