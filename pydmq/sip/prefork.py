@@ -50,6 +50,7 @@ from pydmq.sip import steering
 from pydmq.sip.access import SourceFilter
 from pydmq.sip.endpoint import stateless_reply
 from pydmq.sip.errors import SipParseError
+from pydmq.sip.memo import remember
 from pydmq.sip.message import (
     BadRequestError,
     Limits,
@@ -58,7 +59,7 @@ from pydmq.sip.message import (
     validate_request,
     validate_response,
 )
-from pydmq.sip.transport import Address, is_keepalive
+from pydmq.sip.transport import SOURCE_CACHE_MAX, Address, is_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +325,8 @@ def serve(
     for name, value in zip(COUNTERS, board.read_counters(index), strict=True):
         counts[name] = value  # a restarted receiver goes on counting where it stopped
     recvfrom, sendto, send_up = sock.recvfrom, sock.sendto, forward.send
-    sources: dict[tuple[str, int], Address] = {}
-    heads: dict[tuple[str, int], bytes] = {}
+    # (ip, port) -> the Address and the head a forwarded datagram of that source carries.
+    sources: dict[tuple[str, int], tuple[Address, bytes]] = {}
     max_size = rules.max_size
     clock = time.monotonic
     flush_at = clock() + _FLUSH_EVERY
@@ -352,20 +353,18 @@ def serve(
             pass
         else:
             key = addr[:2]
-            source = sources.get(key)
-            if source is None:
-                if len(sources) >= 4096:
-                    sources.clear()
-                    heads.clear()
-                source = sources[key] = Address("udp", key[0], key[1])
-                heads[key] = f"{key[0]} {key[1]}\n".encode()
+            known = sources.get(key)
+            if known is None:
+                known = (Address("udp", key[0], key[1]), f"{key[0]} {key[1]}\n".encode())
+                remember(sources, key, known, SOURCE_CACHE_MAX)
+            source, head = known
             try:
                 outcome = handle(data, source)
             except Exception:  # a bug must not take the receiver down: let the main decide
                 log.exception("receiver %d: datagram from %s", index, source)
                 outcome = FORWARD
             if outcome == FORWARD:
-                send_up(heads[key] + data)
+                send_up(head + data)
                 counts["forwarded"] += 1
             elif outcome == DROP:
                 counts["dropped_unparsable"] += 1
@@ -432,7 +431,6 @@ def _child_env() -> dict[str, str]:
 class _Child:
     index: int
     sock: socket.socket
-    local: Address
     forward_fd: int
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -486,7 +484,7 @@ class PreforkSupervisor:
             self._channels.append(_Channel(local, ours, theirs))
             for sock in socks:
                 index = len(self._children)
-                self._children.append(_Child(index, sock, local, theirs.fileno()))
+                self._children.append(_Child(index, sock, theirs.fileno()))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -638,9 +636,8 @@ class PreforkSupervisor:
             source = sources.get(head)
             if source is None:
                 host, _, port = head.decode().rpartition(" ")
-                if len(sources) >= 4096:
-                    sources.clear()
-                source = sources[head] = Address("udp", host, int(port))
+                source = Address("udp", host, int(port))
+                remember(sources, head, source, SOURCE_CACHE_MAX)
             try:
                 on_message(packet[nl + 1 :], source, local)
             except Exception:

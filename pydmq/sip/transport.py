@@ -45,6 +45,7 @@ from typing import Any, Final, cast
 
 from pydmq.sip.errors import SipParseError
 from pydmq.sip.framing import DEFAULT_MAX_HEADERS_BYTES, DEFAULT_MAX_SIZE, StreamFramer
+from pydmq.sip.memo import remember
 from pydmq.sip.uri import SipUri
 
 __all__ = [
@@ -71,7 +72,8 @@ PROTOCOLS: Final = frozenset({"udp", "tcp", "tls"})
 DEFAULT_PORTS: Final = {"udp": 5060, "tcp": 5060, "tls": 5061}
 _MAX_UDP_PAYLOAD: Final = 65507
 _KEEPALIVE_MAX: Final = 8  # a UDP datagram this short made only of CR/LF/NUL/space is a keep-alive
-_SOURCE_CACHE_MAX: Final = 4096
+#: Sources whose Address a UDP reader keeps at once (the main process and the receivers).
+SOURCE_CACHE_MAX: Final = 4096
 _LOG_ONCE_INTERVAL: Final = 60.0
 _CLOSE_GRACE: Final = 1.0
 # Orders connection activity exactly (uvloop's loop.time() only ticks once per iteration).
@@ -766,9 +768,8 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
             return
         source = self._sources.get(addr)
         if source is None:
-            if len(self._sources) >= _SOURCE_CACHE_MAX:
-                self._sources.clear()
-            source = self._sources[addr] = Address("udp", addr[0], addr[1])
+            source = Address("udp", addr[0], addr[1])
+            remember(self._sources, addr, source, SOURCE_CACHE_MAX)
         try:
             self._on_message(data, source, self.local)
         except Exception:
