@@ -312,6 +312,35 @@ class Bed:
         wait_until(predicate, timeout=timeout, interval=interval, what=what, describe=describe)
         return time.monotonic()
 
+    def wait_tables(
+        self,
+        nodes: Sequence[NetNode],
+        expected: Mapping[str, Any],
+        *,
+        timeout: float,
+        what: str,
+        interval: float = POLL,
+        check: Callable[[], None] | None = None,
+        extra: Callable[[dict[str, dict[str, Any]]], str] | None = None,
+    ) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Poll until every one of ``nodes`` holds ``expected`` (``check()`` first each time):
+        the monotonic time it held and the tables last read. On timeout the message says how
+        many keys each node lacks (then ``extra(tables)``)."""
+        tables: dict[str, dict[str, Any]] = {}
+
+        def holds() -> bool:
+            if check is not None:
+                check()
+            tables.update({n.name: n.table() for n in nodes})
+            return not any(_missing(tables, expected).values())
+
+        def detail() -> str:
+            text = f"missing: {_missing(tables, expected)}"
+            return text if extra is None else f"{text}; {extra(tables)}"
+
+        when = self.wait(holds, timeout=timeout, what=what, interval=interval, detail=detail)
+        return when, tables
+
     def agree(self, nodes: Sequence[NetNode]) -> Callable[[], bool]:
         return lambda: all(n.sees(nodes) for n in nodes)
 
@@ -509,19 +538,13 @@ def test_ten_percent_loss_on_every_link(bed_factory: Callable[[Sequence[str]], B
         if i % 100 == 99:
             watch.check()
     written = time.monotonic()
-    tables: dict[str, dict[str, Any]] = {}
-
-    def all_arrived() -> bool:
-        watch.check()
-        tables.update({n.name: n.table() for n in others})
-        return not any(_missing(tables, expected).values())
-
-    arrived = bed.wait(
-        all_arrived,
+    arrived, tables = bed.wait_tables(
+        others,
+        expected,
         timeout=60,
         what="every write on every node",
         interval=0.25,
-        detail=lambda: f"missing: {_missing(tables, expected)}",
+        check=watch.check,
     )
     while time.monotonic() - started < LOSS_WINDOW:
         watch.check()
@@ -590,21 +613,13 @@ def test_partition_heal_converges_and_resyncs(bed_factory: Callable[[Sequence[st
     bed.net.heal()
     converged = bed.wait(bed.agree([a, b, c]), timeout=15, what="the lists to converge")
     expected = {**ab_writes, **c_writes, "both": "c-side"}
-    tables: dict[str, dict[str, Any]] = {}
-
-    def resynced() -> bool:
-        tables.update({n.name: n.table() for n in (a, b, c)})
-        return not any(_missing(tables, expected).values())
-
-    synced = bed.wait(
-        resynced,
+    synced, _ = bed.wait_tables(
+        [a, b, c],
+        expected,
         timeout=15,
         what="the writes of both sides everywhere",
         interval=0.1,
-        detail=lambda: (
-            f"missing: {_missing(tables, expected)};"
-            f" both={[t.get('both') for t in tables.values()]}"
-        ),
+        extra=lambda tables: f"both={[t.get('both') for t in tables.values()]}",
     )
     took = converged - healed
     bound = PING + TM["fr_timer"] + 2
@@ -643,18 +658,8 @@ def test_one_way_partition_heals(bed_factory: Callable[[Sequence[str]], Bed]) ->
     healed = time.monotonic()
     bed.net.heal()
     converged = bed.wait(bed.agree([a, b, c]), timeout=15, what="the lists to converge")
-    tables: dict[str, dict[str, Any]] = {}
-
-    def everywhere() -> bool:
-        tables.update({n.name: n.table() for n in (a, b, c)})
-        return not any(_missing(tables, expected).values())
-
-    synced = bed.wait(
-        everywhere,
-        timeout=15,
-        what="every write everywhere",
-        interval=0.1,
-        detail=lambda: f"missing: {_missing(tables, expected)}",
+    synced, _ = bed.wait_tables(
+        [a, b, c], expected, timeout=15, what="every write everywhere", interval=0.1
     )
     took = converged - healed
     bound = PING + TM["fr_timer"] + 2
@@ -734,18 +739,8 @@ def test_kill_and_restart_twenty_times_under_write_load(
     live = [*stable, last]
     restarted = time.monotonic()
     converged = bed.wait(bed.agree(live), timeout=30, what="only live nodes in every list")
-    tables: dict[str, dict[str, Any]] = {}
-
-    def full() -> bool:
-        tables.update({n.name: n.table() for n in live})
-        return not any(_missing(tables, written).values())
-
-    complete = bed.wait(
-        full,
-        timeout=20,
-        what="the full table on every live node",
-        interval=0.2,
-        detail=lambda: f"missing: {_missing(tables, written)}",
+    complete, tables = bed.wait_tables(
+        live, written, timeout=20, what="the full table on every live node", interval=0.2
     )
     # Stay exact for a while: nothing brings a dead incarnation back later.
     hold_until = time.monotonic() + 3 * PING + TM["fr_timer"]
@@ -803,18 +798,8 @@ def test_frozen_node_recovers_after_sigcont(bed_factory: Callable[[Sequence[str]
     b.thaw()
     thawed = time.monotonic()
     converged = bed.wait(bed.agree([a, b, c]), timeout=15, what="recovery after SIGCONT")
-    tables: dict[str, dict[str, Any]] = {}
-
-    def caught_up() -> bool:
-        tables.update({n.name: n.table() for n in (b, c)})
-        return not any(_missing(tables, expected).values())
-
-    synced = bed.wait(
-        caught_up,
-        timeout=15,
-        what="b to get the writes it missed",
-        interval=0.1,
-        detail=lambda: f"missing: {_missing(tables, expected)}",
+    synced, _ = bed.wait_tables(
+        [b, c], expected, timeout=15, what="b to get the writes it missed", interval=0.1
     )
     took = converged - thawed
     bound = PING + tm["fr_timer"] + 2
