@@ -29,7 +29,6 @@ import sys
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +38,12 @@ from pydmq.consumers.htable import HtableService, attach
 from pydmq.consumers.htable_rpc import rpc_methods
 from pydmq.dmq.runtime import DmqNode
 from pydmq.rpc.server import start_rpc
-from tests.support.interop import Cluster, dmq_log_problems, poll
+from tests.support.interop import (
+    Cluster,
+    dmq_log_problems,
+    interop_cluster,  # noqa: F401 - the ``cluster`` fixture
+    poll,
+)
 from tests.support.kamailio import KamailioNode
 from tests.support.net import build_request, free_port, udp_request
 
@@ -128,15 +132,6 @@ async def py() -> AsyncIterator[PyCluster]:
         yield cluster
     finally:
         await cluster.close()
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def until(check: Callable[[], object], *, timeout: float = 10.0, what: str) -> None:

@@ -19,8 +19,6 @@ Needs the Debian packages kamailio and kamailio-tls-modules; fails (never skips)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -34,6 +32,7 @@ from tests.support.interop import (
     Cluster,
     PyNode,
     dmq_log_problems,
+    interop_cluster,  # noqa: F401 - the ``cluster`` fixture
     poll,
     stop_silently,
 )
@@ -45,15 +44,6 @@ pytestmark = [pytest.mark.kamailio, pytest.mark.timeout(90)]
 #: Kamailio notices a dead peer after fr_timer instead of the default 30 s.
 SHORT_FR_TIMER = 'modparam("tm", "fr_timer", 2000)'
 PING = 5  # Kamailio's minimum ping_interval
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _statuses(k: KamailioNode) -> dict[str, str]:

@@ -18,8 +18,7 @@ Needs the Debian packages kamailio and kamailio-tls-modules; fails (never skips)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -29,6 +28,7 @@ from tests.support.interop import (
     Cluster,
     LoggedReply,
     dmq_log_problems,
+    interop_cluster,  # noqa: F401 - the ``cluster`` fixture
     logged_replies,
     poll,
 )
@@ -38,15 +38,6 @@ from tests.support.net import build_request, udp_request
 pytestmark = [pytest.mark.kamailio, pytest.mark.timeout(60)]
 
 TRANSPORTS = ["udp", "tcp", "tls"]
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _suffix(transport: str) -> str:

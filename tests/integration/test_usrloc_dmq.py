@@ -32,7 +32,12 @@ from pydmq.dmq.runtime import DmqNode
 from pydmq.sip.message import Request
 from tests.support.cluster import Cluster as PyCluster
 from tests.support.cluster import eventually, wait_joined
-from tests.support.interop import Cluster, dmq_log_problems, poll
+from tests.support.interop import (
+    Cluster,
+    dmq_log_problems,
+    interop_cluster,  # noqa: F401 - the ``cluster`` fixture
+    poll,
+)
 from tests.support.kamailio import KamailioNode, KamailioRpcError
 from tests.support.net import free_port
 from tests.support.sipp import sipp_request
@@ -108,15 +113,6 @@ async def services() -> AsyncIterator[Services]:
 @pytest.fixture
 async def py_cluster() -> AsyncIterator[PyCluster]:
     c = PyCluster()
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
     try:
         yield c
     finally:

@@ -17,10 +17,12 @@ import asyncio
 import base64
 import contextlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+import pytest
 
 from pydmq.config import settings_from_mapping
 from pydmq.dmq.api import DmqApi, load_api
@@ -324,3 +326,14 @@ class Cluster:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture(name="cluster")
+async def interop_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """The ``cluster`` fixture of the Kamailio interop modules (they import it): pydmq nodes in
+    this loop and Kamailio processes, every one stopped at the end."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
